@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server: routes, protocol models, and the harmony bridge."""
