@@ -1,0 +1,258 @@
+"""The engine core: requests in, one step at a time: schedule -> execute -> update -> outputs.
+
+Synchronous and single-threaded; `async_engine.py` drives it from its own thread for the server.
+A failure stays with the request it belongs to: a request's own logits processor raising fails that
+request only; a failed model step fails the requests of that step, and the engine goes on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from engine.config import FULL, SLIDING
+from engine.kv_cache import KVCacheManager
+from engine.model.gpt_oss import GptOss
+from engine.request import FinishReason, Request
+from engine.runner import ModelRunner, TokenLogprobs
+from engine.sampler import Sampler, SamplingParams
+from engine.scheduler import Scheduler, SchedulerConfig
+
+logger = logging.getLogger(__name__)
+
+
+class RequestError(ValueError):
+    """A request the engine cannot take (bad token ids, too long, a duplicate id, ...)."""
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    block_size: int = 16
+    # Tokens of KV the full-attention layers can hold across all requests.
+    kv_cache_tokens: int = 65536
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 131072
+    enable_prefix_caching: bool = True
+    seed: int | None = None  # for requests without their own seed
+
+
+@dataclass(frozen=True, slots=True)
+class RequestOutput:
+    """What one step produced for one request (the stream's unit)."""
+
+    request_id: str
+    new_token_ids: tuple[int, ...]
+    new_logprobs: tuple[TokenLogprobs, ...] | None
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    num_output_tokens: int
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    running: int = 0
+    waiting: int = 0
+    kv_cache_usage: float = 0.0
+    prefix_cache_hit_rate: float = 0.0
+    generation_tokens_per_s: float = 0.0
+    num_preemptions: int = 0
+    prompt_tokens_total: int = 0
+    cached_prompt_tokens_total: int = 0
+    generated_tokens_total: int = 0
+
+
+def sliding_pool_blocks(config: EngineConfig, window: int) -> int:
+    """Blocks the sliding-window layers need: a window and a block per running sequence, plus one
+    budget's worth of prefill chunk in flight, plus room to keep recent blocks cached."""
+    per_seq = window // config.block_size + 2
+    in_flight = -(-config.max_num_batched_tokens // config.block_size) + config.max_num_seqs
+    return int(1.25 * (config.max_num_seqs * per_seq + in_flight)) + 1
+
+
+class LLMEngine:
+    def __init__(self, model: GptOss, config: EngineConfig) -> None:
+        self.model = model
+        self.config = config
+        mc = model.config
+        if config.max_model_len > mc.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len {config.max_model_len} exceeds the model's "
+                f"{mc.max_position_embeddings} positions"
+            )
+        num_blocks = {FULL: -(-config.kv_cache_tokens // config.block_size) + 1}
+        num_blocks[SLIDING] = sliding_pool_blocks(config, mc.sliding_window)
+        num_blocks = {g: n for g, n in num_blocks.items() if g in mc.layer_types}
+        self.kv = KVCacheManager(
+            num_blocks, config.block_size, mc.sliding_window, config.enable_prefix_caching
+        )
+        self.cache = model.new_kv_cache(num_blocks, config.block_size)
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                config.max_num_seqs, config.max_num_batched_tokens, config.max_model_len
+            ),
+            self.kv,
+        )
+        self.runner = ModelRunner(model, self.cache, Sampler(config.seed))
+        self.requests: dict[str, Request] = {}
+        self._failed: dict[str, str] = {}  # request id -> error raised by its own processors
+        self._generated: deque[tuple[float, int]] = deque()
+        self._generated_total = 0
+        self.max_request_tokens = min(
+            config.max_model_len, (num_blocks.get(FULL, 2) - 1) * config.block_size
+        )
+
+    # --- requests ---------------------------------------------------------------------------------
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> Request:
+        self.validate(request_id, prompt_token_ids, params)
+        params = self._isolate_processors(request_id, params)
+        request = Request(request_id, list(prompt_token_ids), params, arrival=time.monotonic())
+        self.requests[request_id] = request
+        self.scheduler.add(request)
+        return request
+
+    def validate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> None:
+        """Raise RequestError unless the engine can run this request to completion."""
+        if request_id in self.requests:
+            raise RequestError(f"request id {request_id!r} is already in use")
+        if not prompt_token_ids:
+            raise RequestError("the prompt must hold at least one token")
+        vocab = self.model.config.vocab_size
+        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise RequestError(
+                f"prompt token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})"
+            )
+        limit = self.max_request_tokens
+        if len(prompt_token_ids) >= limit:
+            raise RequestError(
+                f"the prompt has {len(prompt_token_ids)} tokens; at most {limit - 1} fit "
+                "(the context limit or the KV cache)"
+            )
+        try:
+            params.check_vocab(vocab)
+        except ValueError as exc:
+            raise RequestError(str(exc)) from exc
+
+    def _isolate_processors(self, request_id: str, params: SamplingParams) -> SamplingParams:
+        """Wrap a request's logits processors so that an exception fails only that request."""
+        if not params.logits_processors:
+            return params
+
+        def guard(processor: Callable) -> Callable:
+            def guarded(output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
+                if request_id in self._failed:
+                    return logits
+                try:
+                    return processor(output_ids, logits)
+                except (
+                    Exception
+                ) as exc:  # the request's own code: its failure is reported, not raised
+                    logger.exception("logits processor of request %s failed", request_id)
+                    self._failed[request_id] = f"logits processor failed: {exc!r}"
+                    return logits
+
+            return guarded
+
+        return dataclasses.replace(
+            params, logits_processors=tuple(guard(p) for p in params.logits_processors)
+        )
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        request = self.requests.pop(request_id, None)
+        if request is None or request.is_finished:
+            return None
+        self.scheduler.finish(request, FinishReason.ABORT)
+        return self._output(request, ())
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    # --- the step -------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch.requests:
+            return []
+        try:
+            result = self.runner.execute(batch, self.kv)
+        except Exception as exc:  # a failed step fails its requests, not the engine
+            logger.exception("model step failed; failing its %d requests", len(batch.requests))
+            outputs = []
+            for item in batch.requests:
+                self.scheduler.finish(
+                    item.request, FinishReason.ERROR, f"model step failed: {exc!r}"
+                )
+                outputs.append(self._output(item.request, ()))
+                self.requests.pop(item.request.request_id, None)
+            return outputs
+        self.scheduler.update(batch, result.sampled)
+        now = time.monotonic()
+        self._generated.append((now, len(result.sampled)))
+        self._generated_total += len(result.sampled)
+        outputs = []
+        for item in batch.requests:
+            request = item.request
+            token = result.sampled.get(request.request_id)
+            if token is None:
+                continue
+            error = self._failed.pop(request.request_id, None)
+            if error is not None and not request.is_finished:
+                self.scheduler.finish(request, FinishReason.ERROR, error)
+            logprobs = result.logprobs.get(request.request_id)
+            outputs.append(
+                self._output(request, (token,), None if logprobs is None else (logprobs,))
+            )
+            if request.is_finished:
+                self.requests.pop(request.request_id, None)
+        return outputs
+
+    def _output(
+        self,
+        request: Request,
+        new_tokens: tuple[int, ...],
+        logprobs: tuple[TokenLogprobs, ...] | None = None,
+    ) -> RequestOutput:
+        return RequestOutput(
+            request_id=request.request_id,
+            new_token_ids=new_tokens,
+            new_logprobs=logprobs,
+            num_prompt_tokens=len(request.prompt_token_ids),
+            num_cached_tokens=request.num_cached_prompt_tokens,
+            num_output_tokens=len(request.output_token_ids),
+            finish_reason=request.finish_reason,
+            error=request.error,
+        )
+
+    def stats(self, window_s: float = 10.0) -> EngineStats:
+        now = time.monotonic()
+        while self._generated and self._generated[0][0] < now - window_s:
+            self._generated.popleft()
+        recent = sum(n for _, n in self._generated)
+        span = (now - self._generated[0][0]) if len(self._generated) > 1 else 0.0
+        s = self.scheduler
+        return EngineStats(
+            running=len(s.running),
+            waiting=len(s.waiting),
+            kv_cache_usage=self.kv.usage(),
+            prefix_cache_hit_rate=s.prompt_tokens_cached / s.prompt_tokens_seen
+            if s.prompt_tokens_seen
+            else 0.0,
+            generation_tokens_per_s=recent / span if span > 0 else 0.0,
+            num_preemptions=s.num_preemptions,
+            prompt_tokens_total=s.prompt_tokens_seen,
+            cached_prompt_tokens_total=s.prompt_tokens_cached,
+            generated_tokens_total=self._generated_total,
+        )

@@ -1,0 +1,69 @@
+"""The model runner: a scheduled batch -> tensors -> model -> sampler -> one token per sampling request.
+
+The host builds the flat batch once per step and reads back only the sampled ids (one transfer per
+step, not per token).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.kv_cache import KVCacheManager
+from engine.model.forward_batch import PagedKVCache, SequenceChunk, build_forward_batch
+from engine.model.gpt_oss import GptOss
+from engine.sampler import Sampler
+from engine.scheduler import ScheduledBatch
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprobs:
+    """The sampled token's logprob and the top alternatives (raw model distribution)."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    sampled: dict[str, int]  # request id -> token, for requests whose gap closed this step
+    logprobs: dict[str, TokenLogprobs]
+
+
+class ModelRunner:
+    def __init__(self, model: GptOss, cache: PagedKVCache, sampler: Sampler) -> None:
+        self.model = model
+        self.cache = cache
+        self.sampler = sampler
+
+    def execute(self, batch: ScheduledBatch, kv: KVCacheManager) -> StepResult:
+        chunks = []
+        for item in batch.requests:
+            request = item.request
+            start = request.num_computed
+            tokens = request.all_token_ids[start : start + item.num_new]
+            chunks.append(SequenceChunk(tokens, start, kv.block_tables(request.request_id)))
+        forward = build_forward_batch(chunks, self.cache.block_size, self.model.device)
+        hidden = self.model.forward(forward, self.cache)
+        rows = [i for i, item in enumerate(batch.requests) if item.samples]
+        if not rows:
+            return StepResult({}, {})
+        sampling = [batch.requests[i].request for i in rows]
+        last_tokens = forward.logits_indices[torch.tensor(rows, device=hidden.device)]
+        logits = self.model.compute_logits(hidden[last_tokens])
+        out = self.sampler.sample(logits, [r.sampling for r in sampling])
+        token_ids = out.token_ids.tolist()  # the step's one device-to-host transfer
+        sampled = {r.request_id: t for r, t in zip(sampling, token_ids, strict=True)}
+        logprobs: dict[str, TokenLogprobs] = {}
+        if out.logprobs is not None:
+            chosen = out.logprobs.sampled.tolist()
+            top_ids = out.logprobs.top_ids.tolist()
+            top_values = out.logprobs.top_logprobs.tolist()
+            for i, request in enumerate(sampling):
+                count = out.logprobs.counts[i]
+                if count is None:
+                    continue
+                top = tuple(zip(top_ids[i][:count], top_values[i][:count], strict=True))
+                logprobs[request.request_id] = TokenLogprobs(chosen[i], top)
+        return StepResult(sampled, logprobs)
