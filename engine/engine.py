@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.config import FULL, SLIDING
+from engine.host_memory import release_large_frees_to_os
 from engine.kv_cache import KVCacheManager
 from engine.model.gpt_oss import GptOss
 from engine.request import FinishReason, Request
@@ -82,6 +83,8 @@ class LLMEngine:
     def __init__(self, model: GptOss, config: EngineConfig) -> None:
         self.model = model
         self.config = config
+        if model.device.type == "cpu":
+            release_large_frees_to_os()
         mc = model.config
         if config.max_model_len > mc.max_position_embeddings:
             raise ValueError(
