@@ -84,38 +84,76 @@ def paged_attention(
     first, then each sequence's queries read their context through its block table. A sliding
     layer (`window`) lets a query at position p see keys p - window + 1 .. p only. The sink is one
     extra logit per head that joins the softmax and is then dropped, so heads can attend "nowhere".
-    Returns [T, Hq * d] in q's dtype; scores and softmax in float32.
+    Returns [T, Hq * d] in q's dtype; scores and softmax in float32. Single-token (decode)
+    sequences are computed together; longer chunks one sequence at a time.
     """
     n_tokens, n_heads, head_dim = q.shape
     n_kv = k.shape[1]
-    block_size = k_cache.shape[1]
     k_cache.view(-1, n_kv, head_dim)[group.slot_mapping] = k.to(k_cache.dtype)
     v_cache.view(-1, n_kv, head_dim)[group.slot_mapping] = v.to(v_cache.dtype)
-    flat_k = k_cache.view(-1, n_kv, head_dim)
-    flat_v = v_cache.view(-1, n_kv, head_dim)
     out = torch.empty((n_tokens, n_heads, head_dim), dtype=q.dtype, device=q.device)
-    sink_logits = sinks.float().view(n_kv, n_heads // n_kv, 1, 1)
-    start = 0
-    for i, (n_q, seq_len) in enumerate(zip(query_lens, seq_lens, strict=True)):
-        first_query = seq_len - n_q
-        lowest_key = 0 if window is None else max(0, first_query - window + 1)
-        key_pos = torch.arange(lowest_key, seq_len, device=q.device)
-        slots = group.block_tables[i, key_pos // block_size] * block_size + key_pos % block_size
-        keys = flat_k[slots].to(q.dtype)  # [K, Hkv, d]
-        values = flat_v[slots].to(q.dtype)
-        queries = q[start : start + n_q].view(n_q, n_kv, n_heads // n_kv, head_dim)
-        scores = torch.einsum("qhmd,khd->hmqk", queries, keys).float() * sm_scale
-        query_pos = torch.arange(first_query, seq_len, device=q.device)
-        visible = key_pos[None, :] <= query_pos[:, None]
-        if window is not None:
-            visible &= query_pos[:, None] - key_pos[None, :] < window
-        scores = scores.masked_fill(~visible, float("-inf"))
-        sinks_col = sink_logits.expand(-1, -1, n_q, 1)
-        probs = torch.softmax(torch.cat((scores, sinks_col), dim=-1), dim=-1)[..., :-1]
-        mixed = torch.einsum("hmqk,khd->qhmd", probs.to(values.dtype), values)
-        out[start : start + n_q] = mixed.reshape(n_q, n_heads, head_dim)
-        start += n_q
+    starts = [0]
+    for n_q in query_lens:
+        starts.append(starts[-1] + n_q)
+    decodes = [i for i, n_q in enumerate(query_lens) if n_q == 1]
+    if decodes:
+        rows = [starts[i] for i in decodes]
+        lens = [seq_lens[i] for i in decodes]
+        out[rows] = _attend(
+            q[rows], k_cache, v_cache, sinks, group.block_tables[decodes], lens, 1, window, sm_scale
+        )
+    for i, n_q in enumerate(query_lens):
+        if n_q > 1:
+            table = group.block_tables[i : i + 1]
+            rows = slice(starts[i], starts[i] + n_q)
+            out[rows] = _attend(
+                q[rows], k_cache, v_cache, sinks, table, [seq_lens[i]], n_q, window, sm_scale
+            )
     return out.view(n_tokens, n_heads * head_dim)
+
+
+def _attend(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    sinks: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: list[int],
+    n_q: int,
+    window: int | None,
+    sm_scale: float,
+) -> torch.Tensor:
+    """B sequences with n_q queries each (their last n_q positions): q [B * n_q, Hq, d] -> same.
+
+    Each sequence's visible keys are gathered through its block table into a padded [B, K] window;
+    padding reads a real slot and is masked out.
+    """
+    n_seqs = len(seq_lens)
+    _, block_size, n_kv, head_dim = k_cache.shape
+    n_heads = q.shape[1]
+    device = q.device
+    lowest_keys = [0 if window is None else max(0, s - n_q - window + 1) for s in seq_lens]
+    n_keys = max(s - lo for s, lo in zip(seq_lens, lowest_keys, strict=True))
+    seq_len = torch.tensor(seq_lens, device=device)[:, None]  # [B, 1]
+    lowest = torch.tensor(lowest_keys, device=device)[:, None]
+    first_query = seq_len - n_q
+    key_pos = lowest + torch.arange(n_keys, device=device)[None, :]  # [B, K]
+    in_range = key_pos < seq_len
+    key_pos = torch.where(in_range, key_pos, lowest)
+    slots = block_tables.gather(1, key_pos // block_size) * block_size + key_pos % block_size
+    keys = k_cache.view(-1, n_kv, head_dim)[slots].to(q.dtype)  # [B, K, Hkv, d]
+    values = v_cache.view(-1, n_kv, head_dim)[slots].to(q.dtype)
+    queries = q.view(n_seqs, n_q, n_kv, n_heads // n_kv, head_dim)
+    scores = torch.einsum("bqhmd,bkhd->bhmqk", queries, keys).float() * sm_scale
+    query_pos = first_query + torch.arange(n_q, device=device)[None, :]  # [B, Q]
+    visible = in_range[:, None, :] & (key_pos[:, None, :] <= query_pos[:, :, None])  # [B, Q, K]
+    if window is not None:
+        visible &= query_pos[:, :, None] - key_pos[:, None, :] < window
+    scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
+    sink_col = sinks.float().view(1, n_kv, n_heads // n_kv, 1, 1).expand(n_seqs, -1, -1, n_q, 1)
+    probs = torch.softmax(torch.cat((scores, sink_col), dim=-1), dim=-1)[..., :-1]
+    mixed = torch.einsum("bhmqk,bkhd->bqhmd", probs.to(values.dtype), values)
+    return mixed.reshape(n_seqs * n_q, n_heads, head_dim)
 
 
 def route(
