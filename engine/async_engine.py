@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from engine.engine import EngineStats, LLMEngine, RequestOutput
+from engine.engine import EngineStats, LLMEngine, RequestError, RequestOutput
 from engine.sampler import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ class AsyncEngine:
             raise EngineDeadError("the engine thread has stopped")
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._streams:
-            raise ValueError(f"request id {request_id!r} is already in use")
+            raise RequestError(f"request id {request_id!r} is already in use")
         self.engine.validate(request_id, prompt_token_ids, params)
         queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), queue)

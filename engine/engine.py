@@ -98,9 +98,12 @@ class LLMEngine:
             num_blocks, config.block_size, mc.sliding_window, config.enable_prefix_caching
         )
         self.cache = model.new_kv_cache(num_blocks, config.block_size)
+        self.max_request_tokens = min(
+            config.max_model_len, (num_blocks.get(FULL, 2) - 1) * config.block_size
+        )
         self.scheduler = Scheduler(
             SchedulerConfig(
-                config.max_num_seqs, config.max_num_batched_tokens, config.max_model_len
+                config.max_num_seqs, config.max_num_batched_tokens, self.max_request_tokens
             ),
             self.kv,
         )
@@ -109,9 +112,6 @@ class LLMEngine:
         self._failed: dict[str, str] = {}  # request id -> error raised by its own processors
         self._generated: deque[tuple[float, int]] = deque()
         self._generated_total = 0
-        self.max_request_tokens = min(
-            config.max_model_len, (num_blocks.get(FULL, 2) - 1) * config.block_size
-        )
 
     # --- requests ---------------------------------------------------------------------------------
     def add_request(
@@ -133,6 +133,8 @@ class LLMEngine:
         if not prompt_token_ids:
             raise RequestError("the prompt must hold at least one token")
         vocab = self.model.config.vocab_size
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt_token_ids):
+            raise RequestError("prompt token ids must be integers")
         bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
         if bad:
             raise RequestError(
@@ -201,23 +203,24 @@ class LLMEngine:
                 outputs.append(self._output(item.request, ()))
                 self.requests.pop(item.request.request_id, None)
             return outputs
-        self.scheduler.update(batch, result.sampled)
-        now = time.monotonic()
-        self._generated.append((now, len(result.sampled)))
-        self._generated_total += len(result.sampled)
+        # A request whose own logits processor failed gets no token from this step: it ends.
+        failed = {rid: self._failed.pop(rid) for rid in list(self._failed) if rid in result.sampled}
+        sampled = {rid: t for rid, t in result.sampled.items() if rid not in failed}
+        self.scheduler.update(batch, sampled)
+        self._generated.append((time.monotonic(), len(sampled)))
+        self._generated_total += len(sampled)
         outputs = []
         for item in batch.requests:
             request = item.request
-            token = result.sampled.get(request.request_id)
-            if token is None:
-                continue
-            error = self._failed.pop(request.request_id, None)
-            if error is not None and not request.is_finished:
-                self.scheduler.finish(request, FinishReason.ERROR, error)
-            logprobs = result.logprobs.get(request.request_id)
-            outputs.append(
-                self._output(request, (token,), None if logprobs is None else (logprobs,))
-            )
+            if request.request_id in failed:
+                self.scheduler.finish(request, FinishReason.ERROR, failed[request.request_id])
+                outputs.append(self._output(request, ()))
+            elif request.request_id in sampled:
+                token = (sampled[request.request_id],)
+                logprobs = result.logprobs.get(request.request_id)
+                outputs.append(
+                    self._output(request, token, None if logprobs is None else (logprobs,))
+                )
             if request.is_finished:
                 self.requests.pop(request.request_id, None)
         return outputs

@@ -25,6 +25,8 @@ from engine.request import FinishReason, Request, RequestStatus
 class SchedulerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
+    # The most tokens (prompt + output) one request may reach: the context limit, or less when
+    # the KV cache is smaller, so that a request always fits once it runs alone.
     max_model_len: int = 131072
 
 
@@ -119,6 +121,10 @@ class Scheduler:
             if request.status is not RequestStatus.RUNNING:
                 continue  # aborted while the step ran
             request.num_computed += item.num_new
+            # Name the blocks this step completed before anything can free them.
+            self.kv.cache_computed_blocks(
+                request.request_id, request.all_token_ids, request.num_computed
+            )
             token = sampled.get(request.request_id)
             if token is not None:
                 request.output_token_ids.append(token)
@@ -126,10 +132,6 @@ class Scheduler:
                 if reason is not None:
                     self.finish(request, reason)
                     finished.append(request)
-                    continue
-            self.kv.cache_computed_blocks(
-                request.request_id, request.all_token_ids, request.num_computed
-            )
         return finished
 
     def _stop_reason(self, request: Request, token: int) -> FinishReason | None:

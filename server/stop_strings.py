@@ -4,7 +4,8 @@ The engine stops on token ids; stop *strings* live in the output path, where tex
 matcher is fed each text delta and returns only text that can no longer turn out to be the start
 of a stop string: it holds back the longest tail that is a prefix of some stop string, and when a
 stop string completes it returns the text before it and reports the match, so the text is cut
-exactly there (the stop string itself is not emitted, as in OpenAI's API).
+exactly there (the stop string itself is not emitted, as in OpenAI's API). Where stop strings
+overlap, the one that completes first wins, however the text was split into deltas.
 """
 
 from __future__ import annotations
@@ -33,11 +34,14 @@ class StopStringMatcher:
         if not self.stops:
             return StopMatch(delta, False)
         text = self._held + delta
-        first = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
-        if first >= 0:
+        # The match that completes first wins (as generation meets it), the longer one on a tie:
+        # the outcome must not depend on how the text was split into deltas.
+        matches = [(i + len(stop), i) for stop in self.stops if (i := text.find(stop)) >= 0]
+        if matches:
+            _, start = min(matches)
             self._held = ""
             self._stopped = True
-            return StopMatch(text[:first], True)
+            return StopMatch(text[:start], True)
         keep = self._longest_partial_suffix(text)
         self._held = text[len(text) - keep :] if keep else ""
         return StopMatch(text[: len(text) - keep], False)
