@@ -390,10 +390,8 @@ def build_stream(enc: Any, oracle: Any) -> tuple[list[int], int]:
     return pool * repeats, n_pool_messages * repeats
 
 
-def parse_ours(enc: Any, tokens: list[int]) -> tuple[Any, list[str]]:
-    from harmony import StreamParser
-
-    parser = StreamParser(enc, None)
+def drive(parser: Any, tokens: list[int]) -> tuple[Any, list[str]]:
+    """Feed tokens one at a time, reading the content delta after each, as a server streams."""
     process = parser.process
     deltas: list[str] = []
     append = deltas.append
@@ -403,21 +401,18 @@ def parse_ours(enc: Any, tokens: list[int]) -> tuple[Any, list[str]]:
         if delta:
             append(delta)
     return parser, deltas
+
+
+def parse_ours(enc: Any, tokens: list[int]) -> tuple[Any, list[str]]:
+    from harmony import StreamParser
+
+    return drive(StreamParser(enc, None), tokens)
 
 
 def parse_oracle(oracle: Any, tokens: list[int]) -> tuple[Any, list[str]]:
     from openai_harmony import StreamableParser
 
-    parser = StreamableParser(oracle, None)
-    process = parser.process
-    deltas: list[str] = []
-    append = deltas.append
-    for token in tokens:
-        process(token)
-        delta = parser.last_content_delta
-        if delta:
-            append(delta)
-    return parser, deltas
+    return drive(StreamableParser(oracle, None), tokens)
 
 
 # --- timing -----------------------------------------------------------------------------------

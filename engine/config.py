@@ -240,19 +240,18 @@ def preset(name: str) -> ModelConfig:
             intermediate_size=64, head_dim=16, num_attention_heads=4, num_key_value_heads=2,
             sliding_window=128, layer_types=tuple(_alternating(2)),
         )  # fmt: skip
-    if name in ("gpt-oss-20b", "20b"):
-        return ModelConfig(
-            num_layers=24, num_experts=32, experts_per_token=4, vocab_size=201088,
-            hidden_size=2880, intermediate_size=2880, head_dim=64, num_attention_heads=64,
-            num_key_value_heads=8, sliding_window=128, layer_types=tuple(_alternating(24)),
-        )  # fmt: skip
-    if name in ("gpt-oss-120b", "120b"):
-        return ModelConfig(
-            num_layers=36, num_experts=128, experts_per_token=4, vocab_size=201088,
-            hidden_size=2880, intermediate_size=2880, head_dim=64, num_attention_heads=64,
-            num_key_value_heads=8, sliding_window=128, layer_types=tuple(_alternating(36)),
-        )  # fmt: skip
-    raise ValueError(f"unknown shape preset {name!r}; expected tiny, gpt-oss-20b or gpt-oss-120b")
+    # The two released models differ only in depth and number of experts.
+    sizes = {"gpt-oss-20b": (24, 32), "20b": (24, 32), "gpt-oss-120b": (36, 128), "120b": (36, 128)}
+    if name not in sizes:
+        raise ValueError(
+            f"unknown shape preset {name!r}; expected tiny, gpt-oss-20b or gpt-oss-120b"
+        )
+    layers, experts = sizes[name]
+    return ModelConfig(
+        num_layers=layers, num_experts=experts, experts_per_token=4, vocab_size=201088,
+        hidden_size=2880, intermediate_size=2880, head_dim=64, num_attention_heads=64,
+        num_key_value_heads=8, sliding_window=128, layer_types=tuple(_alternating(layers)),
+    )  # fmt: skip
 
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}

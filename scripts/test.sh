@@ -1,22 +1,10 @@
 #!/usr/bin/env bash
 # Set up everything on a fresh machine and run the whole test suite: lint, format check, pytest.
-# Usage: bash scripts/test.sh [pytest args...]
-#   VENV=path     the virtual environment to create or reuse (default .venv)
-#   TORCH_SPEC=.. the torch to install when none is importable (default torch==2.13.0)
+# Usage: bash scripts/test.sh [pytest args...]   (VENV and TORCH_SPEC: see scripts/setup.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-
-VENV=${VENV:-.venv}
-if [ ! -x "$VENV/bin/python" ]; then
-  python3 -m venv "$VENV"
-fi
-# shellcheck disable=SC1091
-. "$VENV/bin/activate"
-
-if ! python -c "import torch" 2>/dev/null; then
-  python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
-fi
-python -m pip install -q -e ".[test]"
+# shellcheck source=scripts/setup.sh
+. scripts/setup.sh "[test]"
 
 echo "== ruff"
 ruff check .
