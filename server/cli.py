@@ -1,8 +1,4 @@
-"""The `gpt-oss-server` command line: subcommands and their dispatch.
-
-`serve` will start the OpenAI-compatible HTTP server once the engine and server layers land; until
-then it says so plainly and exits non-zero rather than pretending to serve.
-"""
+"""The `gpt-oss-server` command line: `serve` reads the settings and runs the HTTP server."""
 
 from __future__ import annotations
 
@@ -10,6 +6,13 @@ import argparse
 import logging
 import sys
 from importlib.metadata import PackageNotFoundError, version
+
+import uvicorn
+from pydantic import ValidationError
+
+from server.app import create_app
+from server.config import Settings, add_arguments, settings_from_args
+from server.services import load_services
 
 logger = logging.getLogger("server")
 
@@ -28,8 +31,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {_package_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="serve a gpt-oss model over the OpenAI API")
-    serve.add_argument("--model", help="checkpoint directory (Hugging Face or original layout)")
+    add_arguments(serve)
     return parser
+
+
+def serve(settings: Settings) -> int:
+    logging.getLogger().setLevel(settings.log_level.upper())
+    app = create_app(settings, load_services)
+    # uvicorn finishes in-flight requests on SIGTERM/SIGINT before the lifespan stops the engine.
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=30,
+    )
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,11 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = build_parser().parse_args(argv)
     if args.command == "serve":
-        logger.error(
-            "the HTTP server is not built yet in this version: only the harmony layer "
-            "(harmony/) exists so far; see README.md for what works today"
-        )
-        return 2
+        try:
+            settings = settings_from_args(args)
+        except ValidationError as exc:
+            logger.error("invalid settings:\n%s", exc)
+            return 2
+        return serve(settings)
     return 0
 
 

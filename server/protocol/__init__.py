@@ -1,0 +1,1 @@
+"""Pydantic request and response models, one file per API, fields in OpenAI's order."""

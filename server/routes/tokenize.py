@@ -1,0 +1,96 @@
+"""POST /tokenize and /detokenize, compatible with vLLM's.
+
+`/tokenize` takes a raw `prompt`, or chat `messages` (+ `tools`, `reasoning_effort`,
+`add_generation_prompt`), and returns exactly the token ids the engine would see.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+from fastapi import APIRouter
+from pydantic import BaseModel, ConfigDict
+
+from harmony import Role
+from server.errors import InvalidRequestError
+from server.harmony_bridge import BridgeError, PromptDefaults, chat_to_harmony
+from server.state import Services, ServicesDep
+
+router = APIRouter()
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = None
+    reasoning_effort: str | None = None
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = True
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    tokens: list[int]
+
+
+def chat_prompt_ids(
+    svc: Services,
+    messages: list[dict[str, Any]],
+    *,
+    tools: list[dict[str, Any]] | None,
+    tool_choice: str | dict | None,
+    reasoning_effort: str | None,
+    response_format: dict[str, Any] | None,
+    defaults: PromptDefaults,
+    add_generation_prompt: bool = True,
+) -> list[int]:
+    """The prompt token ids of a chat: the mapping, then harmony rendering."""
+    try:
+        conversation = chat_to_harmony(
+            messages,
+            today=datetime.datetime.now(datetime.UTC).date(),
+            tools=tools,
+            tool_choice=tool_choice,
+            reasoning_effort=reasoning_effort,
+            response_format=response_format,
+            defaults=defaults,
+        )
+    except BridgeError as exc:
+        raise InvalidRequestError(str(exc), param=exc.param) from exc
+    except ValueError as exc:
+        raise InvalidRequestError(str(exc)) from exc
+    if add_generation_prompt:
+        return svc.renderer.render_for_completion(conversation, Role.ASSISTANT)
+    return svc.renderer.render_conversation(conversation)
+
+
+@router.post("/tokenize")
+async def tokenize(body: TokenizeRequest, svc: ServicesDep) -> dict:
+    if (body.prompt is None) == (body.messages is None):
+        raise InvalidRequestError("give exactly one of 'prompt' or 'messages'", param="prompt")
+    if body.prompt is not None:
+        tokens = svc.encoding.encode_with_special_tokens(body.prompt)
+    else:
+        tokens = chat_prompt_ids(
+            svc,
+            body.messages or [],
+            tools=body.tools,
+            tool_choice=None,
+            reasoning_effort=body.reasoning_effort,
+            response_format=None,
+            defaults=svc.prompt_defaults,
+            add_generation_prompt=body.add_generation_prompt,
+        )
+    return {"tokens": tokens, "count": len(tokens), "max_model_len": svc.max_model_len}
+
+
+@router.post("/detokenize")
+async def detokenize(body: DetokenizeRequest, svc: ServicesDep) -> dict:
+    bad = [t for t in body.tokens if not svc.encoding.is_valid_id(t)]
+    if bad:
+        raise InvalidRequestError(f"token ids {bad[:5]} are not in the vocabulary", param="tokens")
+    return {"prompt": svc.encoding.decode(body.tokens)}

@@ -1,0 +1,69 @@
+"""Start-up: from settings to the loaded vocabulary, model and engine the routes use."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from engine.async_engine import AsyncEngine
+from engine.config import DTYPES
+from engine.engine import EngineConfig, LLMEngine
+from engine.model.gpt_oss import GptOss
+from harmony import ReasoningEffort, load_harmony_encoding
+from server.config import Settings
+from server.harmony_bridge import PromptDefaults
+from server.state import Services
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
+    return device
+
+
+def load_services(settings: Settings) -> Services:
+    if settings.model is None:
+        raise RuntimeError("no model: pass --model /path/to/gpt-oss-20b (or set GPT_OSS_MODEL)")
+    start = time.perf_counter()
+    encoding = load_harmony_encoding(settings.tokenizer, model_dir=settings.model)
+    logger.info("tokenizer %s", encoding)
+    device = resolve_device(settings.device)
+    model = GptOss.from_checkpoint(settings.model, dtype=DTYPES[settings.dtype], device=device)
+    vocab = model.config.vocab_size
+    beyond = [
+        name for name, i in encoding.special_tokens.items() if i >= vocab and "reserved" not in name
+    ]
+    if beyond:
+        raise RuntimeError(
+            f"the tokenizer's {beyond} lie outside the model's {vocab}-token vocabulary"
+        )
+    engine = LLMEngine(
+        model,
+        EngineConfig(
+            kv_cache_tokens=settings.kv_cache_tokens,
+            max_num_seqs=settings.max_num_seqs,
+            max_num_batched_tokens=settings.max_num_batched_tokens,
+            max_model_len=min(settings.max_model_len, model.config.max_position_embeddings),
+        ),
+    )
+    logger.info(
+        "model %s on %s (%s) loaded in %.1f s",
+        settings.model,
+        device,
+        settings.dtype,
+        time.perf_counter() - start,
+    )
+    return Services(
+        encoding=encoding,
+        engine=AsyncEngine(engine),
+        max_model_len=engine.max_request_tokens,
+        prompt_defaults=PromptDefaults(
+            reasoning_effort=ReasoningEffort(settings.default_reasoning_effort)
+        ),
+    )

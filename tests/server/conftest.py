@@ -1,0 +1,121 @@
+"""A real server on loopback: uvicorn in a thread, a tiny random checkpoint, a real tokenizer.
+
+`live_server` serves the tiny model with the synthetic harmony vocabulary written into the model
+directory (`vocab.tiktoken` + `special_tokens.json`), so it runs without ../shared.
+`make_server(**settings)` starts more servers with other settings (an API key, small limits).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+
+from engine.config import preset
+from engine.model.random_checkpoint import write_random_checkpoint
+from server.app import create_app
+from server.config import Settings
+from server.services import load_services
+from tests.harmony.synthetic_vocab import synthetic_encoding
+
+MODEL_NAME = "tiny-gpt-oss"
+
+
+@dataclass
+class LiveServer:
+    base_url: str
+    app: object
+    server: uvicorn.Server
+    thread: threading.Thread
+
+    @property
+    def services(self):
+        return self.app.state.server.services  # type: ignore[attr-defined]
+
+    def kv_pools_all_free(self) -> bool:
+        pools = self.services.engine.engine.kv.pools.values()
+        return all(pool.num_free == pool.num_usable for pool in pools)
+
+    def wait_until(self, predicate: Callable[[], bool], timeout: float = 30.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return True
+            time.sleep(0.02)
+        return predicate()
+
+
+def write_tokenizer(directory: Path) -> None:
+    encoding = synthetic_encoding()
+    ranks = sorted(encoding._encoding._mergeable_ranks.items(), key=lambda item: item[1])
+    lines = "".join(f"{base64.b64encode(token).decode()} {rank}\n" for token, rank in ranks)
+    (directory / "vocab.tiktoken").write_text(lines)
+    (directory / "special_tokens.json").write_text(json.dumps(dict(encoding.special_tokens)))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("tiny-server-model")
+    write_random_checkpoint(directory, preset("tiny"), layout="hf", seed=3)
+    write_tokenizer(directory)
+    return directory
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def make_server(tiny_model_dir: Path) -> Iterator[Callable[..., LiveServer]]:
+    started: list[LiveServer] = []
+
+    def start(**overrides: object) -> LiveServer:
+        settings = Settings(
+            **{
+                "model": tiny_model_dir,
+                "served_model_name": MODEL_NAME,
+                "dtype": "float32",
+                "kv_cache_tokens": 8192,
+                "max_model_len": 4096,
+                "port": _free_port(),
+                **overrides,
+            }
+        )
+        app = create_app(settings, load_services)
+        config = uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_level="warning")
+        server = uvicorn.Server(config)
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        live = LiveServer(f"http://127.0.0.1:{settings.port}", app, server, thread)
+        started.append(live)
+
+        def healthy() -> bool:
+            try:
+                return httpx.get(live.base_url + "/health", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        if not live.wait_until(healthy, timeout=60):
+            raise RuntimeError(f"the test server at {live.base_url} did not become healthy")
+        return live
+
+    yield start
+    for live in started:
+        live.server.should_exit = True
+        live.thread.join(timeout=15)
+
+
+@pytest.fixture(scope="session")
+def live_server(make_server: Callable[..., LiveServer]) -> LiveServer:
+    return make_server()
