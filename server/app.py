@@ -26,6 +26,7 @@ from server.errors import (
 )
 from server.routes import chat_completions, completions, metrics, models, responses, tokenize
 from server.state import ServerState, Services, require_api_key
+from server.store import ResponseStore
 
 logger = logging.getLogger(__name__)
 
@@ -73,11 +74,17 @@ def create_app(settings: Settings, loader: Callable[[Settings], Services]) -> Fa
             state.ready.set()
 
     @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.response_store = ResponseStore(
+            settings.state_dir / "responses",
+            max_age_s=settings.response_max_age_s,
+            max_count=settings.response_max_count,
+        )
         threading.Thread(target=load, name="loader", daemon=True).start()
         yield
         if state.services is not None:
             state.services.engine.shutdown()
+        app.state.response_store.close()
 
     app = FastAPI(title="gpt-oss-server", lifespan=lifespan)
     app.state.server = state

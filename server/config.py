@@ -38,6 +38,12 @@ class Settings(BaseSettings):
     max_stop_sequences: int = Field(4, ge=0)
     max_top_logprobs: int = Field(20, ge=0)
     protect_metrics: bool = False
+    state_dir: Path = Field(
+        Path.home() / ".local" / "state" / "gpt-oss-server",
+        description="where stored responses live (an SQLite database)",
+    )
+    response_max_age_s: float = Field(30 * 24 * 3600, gt=0, description="stored responses expire")
+    response_max_count: int = Field(10_000, ge=1, description="stored responses kept at most")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @property

@@ -77,13 +77,16 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def make_server(tiny_model_dir: Path) -> Iterator[Callable[..., LiveServer]]:
+def make_server(
+    tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[..., LiveServer]]:
     started: list[LiveServer] = []
 
     def start(**overrides: object) -> LiveServer:
         settings = Settings(
             **{
                 "model": tiny_model_dir,
+                "state_dir": tmp_path_factory.mktemp("server-state"),
                 "served_model_name": MODEL_NAME,
                 "dtype": "float32",
                 "kv_cache_tokens": 8192,
