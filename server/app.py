@@ -13,9 +13,9 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.config import Settings
 from server.errors import (
@@ -24,6 +24,7 @@ from server.errors import (
     error_response,
     install_error_handlers,
 )
+from server.metrics import RequestMetrics, ServerMetrics
 from server.routes import chat_completions, completions, metrics, models, responses, tokenize
 from server.state import ServerState, Services, require_api_key
 from server.store import ResponseStore
@@ -32,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 
 class BodySizeLimit:
-    """Refuse bodies over the limit with 413, by Content-Length or while streaming them in."""
+    """Refuse bodies over the limit with 413, by Content-Length or by counting a chunked body."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -42,22 +43,60 @@ class BodySizeLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        too_large = RequestTooLargeError(f"request body over the {self.max_bytes}-byte limit")
+        error = RequestTooLargeError(f"request body over the {self.max_bytes}-byte limit")
         length = dict(scope.get("headers", [])).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            await error_response(too_large)(scope, receive, send)
+        if length is not None:
+            if length.isdigit() and int(length) > self.max_bytes:
+                await error_response(error)(scope, receive, send)
+                return
+            await self.app(scope, receive, send)
             return
+        # No length given: read the body here (bounded by the limit), then replay it to the app.
+        messages: list[Message] = []
         seen = 0
-
-        async def counted() -> dict:
-            nonlocal seen
+        while True:
             message = await receive()
+            messages.append(message)
             seen += len(message.get("body", b""))
             if seen > self.max_bytes:
-                raise too_large
-            return message
+                await error_response(error)(scope, receive, send)
+                return
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                break
 
-        await self.app(scope, counted, send)
+        async def replay() -> Message:
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+
+class RequestId:
+    """Give every request an id (the client's X-Request-Id or a new one), echo it, log the line.
+
+    Plain ASGI rather than `@app.middleware("http")`, which relays every streamed chunk through an
+    extra task and memory stream.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers", []))
+        rid = headers.get(b"x-request-id", b"").decode("latin-1") or uuid.uuid4().hex[:16]
+        scope.setdefault("state", {})["request_id"] = rid
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", []).append((b"x-request-id", rid.encode("latin-1")))
+                logger.info(
+                    "%s %s %s rid=%s", scope["method"], scope["path"], message["status"], rid
+                )
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
 
 
 def create_app(settings: Settings, loader: Callable[[Settings], Services]) -> FastAPI:
@@ -90,15 +129,9 @@ def create_app(settings: Settings, loader: Callable[[Settings], Services]) -> Fa
     app.state.server = state
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
-
-    @app.middleware("http")
-    async def request_id(request: Request, call_next: Callable) -> object:
-        rid = request.headers.get("x-request-id") or uuid.uuid4().hex[:16]
-        request.state.request_id = rid
-        response = await call_next(request)
-        response.headers["x-request-id"] = rid
-        logger.info("%s %s %s rid=%s", request.method, request.url.path, response.status_code, rid)
-        return response
+    app.add_middleware(RequestMetrics)
+    app.add_middleware(RequestId)
+    app.state.metrics = ServerMetrics()
 
     @app.get("/health")
     async def health() -> JSONResponse:

@@ -22,6 +22,7 @@ from engine.sampler import SamplingParams
 from server.config import Settings
 from server.errors import InvalidRequestError, NotFoundError, TooManyRequestsError
 from server.harmony_output import ChatDelta, ChatOutputMapper, ChatResult
+from server.metrics import ServerMetrics, metrics_of
 from server.protocol.chat import UNSUPPORTED, ChatCompletionRequest
 from server.routes.tokenize import chat_prompt_ids
 from server.state import Services, ServicesDep
@@ -42,6 +43,21 @@ class Choice:
     stopped_by_string: bool = False
     last: RequestOutput | None = None
     result: ChatResult | None = None
+    metrics: ServerMetrics | None = None
+    started: float = field(default_factory=time.monotonic)
+    last_token_at: float | None = None
+
+    def observe(self, output: RequestOutput) -> None:
+        """Record this output for metrics (TTFT, inter-token latency) and as the latest state."""
+        self.last = output
+        if self.metrics is None or not output.new_token_ids:
+            return
+        now = time.monotonic()
+        if self.last_token_at is None:
+            self.metrics.observe_ttft(now - self.started)
+        else:
+            self.metrics.observe_itl(now - self.last_token_at)
+        self.last_token_at = now
 
 
 @router.post("/v1/chat/completions")
@@ -66,8 +82,15 @@ async def create_chat_completion(
     except RequestError as exc:
         raise InvalidRequestError(str(exc)) from exc
     created = int(time.time())
+    metrics = metrics_of(request.app)
+    metrics.observe_prompt_tokens(len(prompt))
     choices = [
-        Choice(i, ChatOutputMapper(svc.encoding), StopStringMatcher(body.stop_strings()))
+        Choice(
+            i,
+            ChatOutputMapper(svc.encoding),
+            StopStringMatcher(body.stop_strings()),
+            metrics=metrics,
+        )
         for i in range(body.n)
     ]
     streams: list = [
@@ -113,6 +136,8 @@ def _check(body: ChatCompletionRequest, settings: Settings, svc: Services) -> No
         raise InvalidRequestError(
             f"at most {settings.max_stop_sequences} stop sequences", param="stop"
         )
+    if any(not stop for stop in body.stop_strings()):
+        raise InvalidRequestError("stop sequences must not be empty", param="stop")
     if body.top_logprobs is not None and body.top_logprobs > settings.max_top_logprobs:
         raise InvalidRequestError(
             f"top_logprobs must be at most {settings.max_top_logprobs}", param="top_logprobs"
@@ -141,6 +166,13 @@ def _sampling_params(body: ChatCompletionRequest, svc: Services, prompt_len: int
         bias = {int(k): v for k, v in (body.logit_bias or {}).items()}
     except ValueError as exc:
         raise InvalidRequestError("logit_bias keys must be token ids", param="logit_bias") from exc
+    outside = [k for k in bias if not 0 <= k < svc.encoding.n_vocab]
+    if outside:
+        raise InvalidRequestError(
+            f"logit_bias token ids {outside[:5]} are outside the vocabulary "
+            f"(0..{svc.encoding.n_vocab - 1})",
+            param="logit_bias",
+        )
     ids = svc.encoding.assistant_stop_token_ids
     try:
         params = SamplingParams(
@@ -207,7 +239,8 @@ def _logprob_entries(svc: Services, output: RequestOutput) -> list[dict]:
 
 
 def _token_entry(svc: Services, token: int, logprob: float) -> dict:
-    data = svc.encoding.decode_bytes([token])
+    # The model's vocabulary may be wider than the tokenizer's: such ids have no text.
+    data = svc.encoding.decode_bytes([token]) if svc.encoding.is_valid_id(token) else b""
     return {
         "token": data.decode("utf-8", errors="replace"),
         "logprob": logprob,
@@ -220,7 +253,7 @@ async def _collect(
 ) -> None:
     try:
         async for output in stream:
-            choice.last = output
+            choice.observe(output)
             deltas = _apply(choice, choice.mapper.feed(output.new_token_ids))
             if body.logprobs and any(d.content for d in deltas):
                 choice.logprobs.extend(_logprob_entries(svc, output))
@@ -232,6 +265,8 @@ async def _collect(
 
 
 def _finish(choice: Choice) -> list[ChatDelta]:
+    if choice.metrics is not None and choice.last is not None:
+        choice.metrics.observe_generated_tokens(choice.last.num_output_tokens)
     reason = (
         "stop" if choice.stopped_by_string else (choice.last.finish_reason if choice.last else None)
     )
@@ -353,7 +388,7 @@ async def _stream(
                         yield chunk(choice.index, piece)
                 yield chunk(choice.index, {}, _finish_reason(choice))
                 continue
-            choice.last = output
+            choice.observe(output)
             deltas = _apply(choice, choice.mapper.feed(output.new_token_ids))
             logprobs = None
             if body.logprobs and any(d.content for d in deltas):

@@ -9,11 +9,11 @@ from __future__ import annotations
 import datetime
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict
 
 from harmony import Role
-from server.errors import InvalidRequestError
+from server.errors import InvalidRequestError, NotFoundError
 from server.harmony_bridge import BridgeError, PromptDefaults, chat_to_harmony
 from server.state import Services, ServicesDep
 
@@ -68,8 +68,19 @@ def chat_prompt_ids(
     return svc.renderer.render_conversation(conversation)
 
 
+def _check_model(model: str | None, request: Request) -> None:
+    served = request.app.state.server.settings.model_id
+    if model is not None and model != served:
+        raise NotFoundError(
+            f"the model {model!r} does not exist; this server serves {served!r}",
+            param="model",
+            code="model_not_found",
+        )
+
+
 @router.post("/tokenize")
-async def tokenize(body: TokenizeRequest, svc: ServicesDep) -> dict:
+async def tokenize(body: TokenizeRequest, request: Request, svc: ServicesDep) -> dict:
+    _check_model(body.model, request)
     if (body.prompt is None) == (body.messages is None):
         raise InvalidRequestError("give exactly one of 'prompt' or 'messages'", param="prompt")
     if body.prompt is not None:
@@ -89,7 +100,8 @@ async def tokenize(body: TokenizeRequest, svc: ServicesDep) -> dict:
 
 
 @router.post("/detokenize")
-async def detokenize(body: DetokenizeRequest, svc: ServicesDep) -> dict:
+async def detokenize(body: DetokenizeRequest, request: Request, svc: ServicesDep) -> dict:
+    _check_model(body.model, request)
     bad = [t for t in body.tokens if not svc.encoding.is_valid_id(t)]
     if bad:
         raise InvalidRequestError(f"token ids {bad[:5]} are not in the vocabulary", param="tokens")

@@ -516,8 +516,9 @@ def test_cancel_a_background_response(client: openai.OpenAI, live_server: LiveSe
     response = client.responses.create(
         model=MODEL_NAME, input="Hi", background=True, max_output_tokens=3000
     )
-    time.sleep(0.2)
     cancelled = client.responses.cancel(response.id)
+    if cancelled.status == "completed":  # the random model may hit a stop token at once (~1%)
+        pytest.skip("the random model finished before the cancel arrived")
     assert cancelled.status == "cancelled"
     assert client.responses.retrieve(response.id).status == "cancelled"
     assert live_server.wait_until(live_server.kv_pools_all_free, timeout=10)
