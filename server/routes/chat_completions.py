@@ -20,10 +20,19 @@ from sse_starlette.sse import EventSourceResponse
 from engine.engine import RequestError, RequestOutput
 from engine.sampler import SamplingParams
 from server.config import Settings
-from server.errors import InvalidRequestError, NotFoundError, TooManyRequestsError
+from server.errors import InvalidRequestError
 from server.harmony_output import ChatDelta, ChatOutputMapper, ChatResult
 from server.metrics import ServerMetrics, metrics_of
 from server.protocol.chat import UNSUPPORTED, ChatCompletionRequest
+from server.routes.common import (
+    check_model,
+    check_queue,
+    check_stops,
+    check_unsupported,
+    output_budget,
+    parse_logit_bias,
+    seeded,
+)
 from server.routes.tokenize import chat_prompt_ids
 from server.state import Services, ServicesDep
 from server.stop_strings import StopStringMatcher
@@ -94,7 +103,7 @@ async def create_chat_completion(
         for i in range(body.n)
     ]
     streams: list = [
-        svc.engine.generate(prompt, _seeded(params, body.seed, i), f"{completion_id}-{i}")
+        svc.engine.generate(prompt, seeded(params, body.seed, i), f"{completion_id}-{i}")
         for i in range(body.n)
     ]
     head = {"id": completion_id, "created": created, "model": settings.model_id}
@@ -121,58 +130,29 @@ async def create_chat_completion(
 
 
 def _check(body: ChatCompletionRequest, settings: Settings, svc: Services) -> None:
-    if body.model != settings.model_id:
-        raise NotFoundError(
-            f"the model {body.model!r} does not exist; this server serves {settings.model_id!r}",
-            param="model",
-            code="model_not_found",
-        )
-    for name in UNSUPPORTED:
-        if getattr(body, name) is not None:
-            raise InvalidRequestError(f"{name} is not supported by this server", param=name)
+    check_model(body.model, settings)
+    check_unsupported(body, UNSUPPORTED)
     if body.n > settings.max_n:
         raise InvalidRequestError(f"n must be at most {settings.max_n}, got {body.n}", param="n")
-    if len(body.stop_strings()) > settings.max_stop_sequences:
-        raise InvalidRequestError(
-            f"at most {settings.max_stop_sequences} stop sequences", param="stop"
-        )
-    if any(not stop for stop in body.stop_strings()):
-        raise InvalidRequestError("stop sequences must not be empty", param="stop")
+    check_stops(body.stop_strings(), settings)
     if body.top_logprobs is not None and body.top_logprobs > settings.max_top_logprobs:
         raise InvalidRequestError(
             f"top_logprobs must be at most {settings.max_top_logprobs}", param="top_logprobs"
         )
-    if svc.engine.stats().waiting >= settings.max_waiting_requests:
-        raise TooManyRequestsError("the request queue is full; retry shortly")
+    check_queue(svc, settings)
 
 
 def _sampling_params(body: ChatCompletionRequest, svc: Services, prompt_len: int) -> SamplingParams:
-    room = svc.max_model_len - prompt_len
-    if room < 1:
-        raise InvalidRequestError(
-            f"the prompt has {prompt_len} tokens; the context holds {svc.max_model_len}",
-            param="messages",
-            code="context_length_exceeded",
-        )
-    max_tokens = body.max_completion_tokens or body.max_tokens or room
-    if max_tokens > room:
-        name = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
-        raise InvalidRequestError(
-            f"{name} is {max_tokens} but only {room} tokens are left in the context "
-            f"({prompt_len} in the prompt, {svc.max_model_len} in all)",
-            param=name,
-        )
-    try:
-        bias = {int(k): v for k, v in (body.logit_bias or {}).items()}
-    except ValueError as exc:
-        raise InvalidRequestError("logit_bias keys must be token ids", param="logit_bias") from exc
-    outside = [k for k in bias if not 0 <= k < svc.encoding.n_vocab]
-    if outside:
-        raise InvalidRequestError(
-            f"logit_bias token ids {outside[:5]} are outside the vocabulary "
-            f"(0..{svc.encoding.n_vocab - 1})",
-            param="logit_bias",
-        )
+    param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+    max_tokens = output_budget(
+        svc,
+        prompt_len,
+        body.max_completion_tokens or body.max_tokens,
+        None,
+        param=param,
+        prompt_param="messages",
+    )
+    bias = parse_logit_bias(body.logit_bias, svc.encoding.n_vocab)
     ids = svc.encoding.assistant_stop_token_ids
     try:
         params = SamplingParams(
@@ -192,17 +172,6 @@ def _sampling_params(body: ChatCompletionRequest, svc: Services, prompt_len: int
     except ValueError as exc:
         raise InvalidRequestError(str(exc)) from exc
     return params
-
-
-def _seeded(params: SamplingParams, seed: int | None, index: int) -> SamplingParams:
-    # n choices from one seed must differ from each other and repeat across runs.
-    if seed is None:
-        return params
-    return SamplingParams(**{**_fields(params), "seed": seed + index})
-
-
-def _fields(params: SamplingParams) -> dict[str, Any]:
-    return {name: getattr(params, name) for name in params.__dataclass_fields__}
 
 
 # --- running ----------------------------------------------------------------------------------------

@@ -32,10 +32,17 @@ from engine.request import FinishReason
 from engine.runner import TokenLogprobs
 from engine.sampler import SamplingParams
 from server.config import Settings
-from server.errors import InvalidRequestError, NotFoundError, TooManyRequestsError, envelope
+from server.errors import InvalidRequestError, envelope
 from server.metrics import ServerMetrics, metrics_of
 from server.protocol.chat import StreamOptions
-from server.routes.chat_completions import _seeded
+from server.routes.common import (
+    check_model,
+    check_queue,
+    check_stops,
+    output_budget,
+    parse_logit_bias,
+    seeded,
+)
 from server.state import Services, ServicesDep
 from server.stop_strings import StopStringMatcher
 
@@ -104,8 +111,8 @@ async def create_completion(body: CompletionRequest, request: Request, svc: Serv
         for j in range(body.n):
             index = p * body.n + j
             choices.append(_Choice(index, p, prefix, _Detokenizer(table), body))
-            seeded = _seeded(params, body.seed, index)
-            streams.append(svc.engine.generate(prompt, seeded, f"{completion_id}-{index}"))
+            choice_params = seeded(params, body.seed, index)
+            streams.append(svc.engine.generate(prompt, choice_params, f"{completion_id}-{index}"))
     head = {"id": completion_id, "created": int(time.time()), "model": settings.model_id}
     events = _events(choices, streams, metrics, arrived)
     if body.stream:
@@ -152,12 +159,7 @@ def _prompt_ids(body: CompletionRequest, svc: Services) -> list[list[int]]:
 
 
 def _check(body: CompletionRequest, settings: Settings, svc: Services, num_prompts: int) -> None:
-    if body.model != settings.model_id:
-        raise NotFoundError(
-            f"the model {body.model!r} does not exist; this server serves {settings.model_id!r}",
-            param="model",
-            code="model_not_found",
-        )
+    check_model(body.model, settings)
     if body.suffix is not None:
         raise InvalidRequestError("suffix is not supported (no fill-in-the-middle)", param="suffix")
     if body.best_of is not None and body.best_of != body.n:
@@ -170,13 +172,7 @@ def _check(body: CompletionRequest, settings: Settings, svc: Services, num_promp
         )
     if body.n > settings.max_n:
         raise InvalidRequestError(f"n must be at most {settings.max_n}, got {body.n}", param="n")
-    stops = body.stop_strings()
-    if len(stops) > settings.max_stop_sequences:
-        raise InvalidRequestError(
-            f"at most {settings.max_stop_sequences} stop sequences", param="stop"
-        )
-    if not all(stops):
-        raise InvalidRequestError("stop strings must not be empty", param="stop")
+    check_stops(body.stop_strings(), settings)
     if body.logprobs is not None and body.logprobs > settings.max_top_logprobs:
         raise InvalidRequestError(
             f"logprobs must be at most {settings.max_top_logprobs}", param="logprobs"
@@ -187,29 +183,15 @@ def _check(body: CompletionRequest, settings: Settings, svc: Services, num_promp
             f"{settings.max_waiting_requests} sequences the queue holds",
             param="prompt",
         )
-    if svc.engine.stats().waiting >= settings.max_waiting_requests:
-        raise TooManyRequestsError("the request queue is full; retry shortly")
+    check_queue(svc, settings)
 
 
 def _sampling_params(body: CompletionRequest, svc: Services, prompt_len: int) -> SamplingParams:
-    room = svc.max_model_len - prompt_len
-    if room < 1:
-        raise InvalidRequestError(
-            f"the prompt has {prompt_len} tokens; the context holds {svc.max_model_len}",
-            param="prompt",
-            code="context_length_exceeded",
-        )
-    max_tokens = body.max_tokens or 16
-    if max_tokens > room:
-        raise InvalidRequestError(
-            f"max_tokens is {max_tokens} but only {room} tokens are left in the context "
-            f"({prompt_len} in the prompt, {svc.max_model_len} in all)",
-            param="max_tokens",
-        )
-    try:
-        bias = {int(k): v for k, v in (body.logit_bias or {}).items()}
-    except ValueError as exc:
-        raise InvalidRequestError("logit_bias keys must be token ids", param="logit_bias") from exc
+    # OpenAI's default for raw completions is 16 tokens.
+    max_tokens = output_budget(
+        svc, prompt_len, body.max_tokens, 16, param="max_tokens", prompt_param="prompt"
+    )
+    bias = parse_logit_bias(body.logit_bias, svc.encoding.n_vocab)
     try:
         return SamplingParams(
             temperature=1.0 if body.temperature is None else body.temperature,

@@ -33,7 +33,7 @@ from engine.async_engine import EngineDeadError
 from engine.engine import RequestError, RequestOutput
 from engine.sampler import SamplingParams
 from server.config import Settings
-from server.errors import InvalidRequestError, NotFoundError, TooManyRequestsError
+from server.errors import InvalidRequestError, NotFoundError
 from server.harmony_output import ChatOutputMapper
 from server.protocol.responses import (
     UNSUPPORTED,
@@ -42,6 +42,7 @@ from server.protocol.responses import (
     items_to_chat_messages,
     response_object,
 )
+from server.routes.common import check_model, check_queue, check_unsupported, output_budget
 from server.routes.tokenize import chat_prompt_ids
 from server.state import Services, ServicesDep
 from server.store import ResponseStore
@@ -154,19 +155,11 @@ async def cancel_response(response_id: str, request: Request) -> dict[str, Any]:
 
 
 def _check(body: ResponsesRequest, settings: Settings, svc: Services) -> None:
-    if body.model != settings.model_id:
-        raise NotFoundError(
-            f"the model {body.model!r} does not exist; this server serves {settings.model_id!r}",
-            param="model",
-            code="model_not_found",
-        )
-    for name in UNSUPPORTED:
-        if getattr(body, name) is not None:
-            raise InvalidRequestError(f"{name} is not supported by this server", param=name)
+    check_model(body.model, settings)
+    check_unsupported(body, UNSUPPORTED)
     if body.background and not body.store:
         raise InvalidRequestError("background responses must be stored", param="store")
-    if svc.engine.stats().waiting >= settings.max_waiting_requests:
-        raise TooManyRequestsError("the request queue is full; retry shortly")
+    check_queue(svc, settings)
 
 
 async def _prepare(body: ResponsesRequest, svc: Services, store: ResponseStore, model: str) -> Run:
@@ -214,20 +207,14 @@ async def _prepare(body: ResponsesRequest, svc: Services, store: ResponseStore, 
 
 
 def _sampling_params(body: ResponsesRequest, svc: Services, prompt_len: int) -> SamplingParams:
-    room = svc.max_model_len - prompt_len
-    if room < 1:
-        raise InvalidRequestError(
-            f"the prompt has {prompt_len} tokens; the context holds {svc.max_model_len}",
-            param="input",
-            code="context_length_exceeded",
-        )
-    max_tokens = body.max_output_tokens or room
-    if max_tokens > room:
-        raise InvalidRequestError(
-            f"max_output_tokens is {max_tokens} but only {room} tokens are left in the context "
-            f"({prompt_len} in the prompt, {svc.max_model_len} in all)",
-            param="max_output_tokens",
-        )
+    max_tokens = output_budget(
+        svc,
+        prompt_len,
+        body.max_output_tokens,
+        None,
+        param="max_output_tokens",
+        prompt_param="input",
+    )
     try:
         return SamplingParams(
             temperature=1.0 if body.temperature is None else body.temperature,
