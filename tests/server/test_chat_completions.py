@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import uuid
-from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -43,37 +41,6 @@ WEATHER = {
         },
     },
 }
-
-
-SERVER_ERROR_LOGGERS = ("server.errors", "uvicorn.error", "sse_starlette.sse", "asyncio")
-
-
-class _DropTraceback(logging.Filter):
-    """Log the server's unhandled errors without formatting their tracebacks."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info:
-            record.msg = f"{record.msg} ({record.exc_info[0].__name__}, traceback not shown)"
-            record.exc_info = None
-            record.exc_text = None
-        return True
-
-
-@pytest.fixture
-def no_server_tracebacks() -> Iterator[None]:
-    """For tests that make the in-process server fail with a 500.
-
-    On Python 3.11 formatting a traceback parses source with `ast`; the server thread doing so
-    while pytest formats this test's failure (an xfail's too) races inside CPython ("AST
-    constructor recursion depth mismatch") and ends the whole session with INTERNALERROR.
-    """
-    loggers = [logging.getLogger(name) for name in SERVER_ERROR_LOGGERS]
-    drop = _DropTraceback()
-    for logger in loggers:
-        logger.addFilter(drop)
-    yield
-    for logger in loggers:
-        logger.removeFilter(drop)
 
 
 # --- helpers -----------------------------------------------------------------------------------------
@@ -322,7 +289,6 @@ def test_logprobs_absent_unless_asked(live_server: LiveServer) -> None:
     assert completion.choices[0].logprobs is None
 
 
-@pytest.mark.usefixtures("no_server_tracebacks")
 def test_top_logprobs_with_content(live_server: LiveServer) -> None:
     response = httpx.post(
         live_server.base_url + "/v1/chat/completions",
@@ -345,7 +311,6 @@ def test_top_logprobs_with_content(live_server: LiveServer) -> None:
         assert all(top.logprob <= 0.0 for top in entry.top_logprobs)
 
 
-@pytest.mark.usefixtures("no_server_tracebacks")
 def test_streamed_top_logprobs_end_with_done(live_server: LiveServer) -> None:
     payloads = raw_events(
         live_server,
