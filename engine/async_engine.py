@@ -111,8 +111,7 @@ class AsyncEngine:
                 for command in commands:
                     self._apply(command)
                 if self.engine.has_work:
-                    for output in self.engine.step():
-                        self._deliver(output.request_id, output)
+                    self._deliver_step(self.engine.step())
                 self._stats = self.engine.stats()
         except BaseException as exc:
             logger.exception("engine thread died")
@@ -137,6 +136,20 @@ class AsyncEngine:
         except ValueError as exc:  # validated before, but the engine's state may have moved
             self._deliver(command.request_id, exc)
 
+    def _deliver_step(self, outputs: list[RequestOutput]) -> None:
+        """A step's outputs, handed to each event loop in one call rather than one per request:
+        every cross-thread call wakes the loop through its self-pipe."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is not None:
+                by_loop.setdefault(stream[0], []).append((stream[1], output))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:
+                logger.debug("an event loop with %d pending outputs is closed", len(items))
+
     def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
         stream = self._streams.get(request_id)
         if stream is None:
@@ -146,3 +159,8 @@ class AsyncEngine:
             loop.call_soon_threadsafe(queue.put_nowait, item)
         except RuntimeError:
             logger.debug("event loop of request %s is closed", request_id)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
