@@ -31,6 +31,7 @@ from server.routes.common import (
     check_unsupported,
     output_budget,
     parse_logit_bias,
+    sampling_params,
     seeded,
 )
 from server.routes.tokenize import chat_prompt_ids
@@ -153,21 +154,14 @@ def _sampling_params(body: ChatCompletionRequest, svc: Services, prompt_len: int
         prompt_param="messages",
     )
     bias = parse_logit_bias(body.logit_bias, svc.encoding.n_vocab)
-    ids = svc.encoding.assistant_stop_token_ids
+    params = sampling_params(
+        body,
+        logit_bias=bias,
+        logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+        max_tokens=max_tokens,
+        stop_token_ids=tuple(sorted(svc.encoding.assistant_stop_token_ids)),
+    )
     try:
-        params = SamplingParams(
-            temperature=1.0 if body.temperature is None else body.temperature,
-            top_p=1.0 if body.top_p is None else body.top_p,
-            top_k=-1 if body.top_k is None else body.top_k,
-            min_p=body.min_p or 0.0,
-            presence_penalty=body.presence_penalty or 0.0,
-            frequency_penalty=body.frequency_penalty or 0.0,
-            repetition_penalty=body.repetition_penalty or 1.0,
-            logit_bias=bias,
-            logprobs=(body.top_logprobs or 0) if body.logprobs else None,
-            max_tokens=max_tokens,
-            stop_token_ids=tuple(sorted(ids)),
-        )
         params.check_vocab(svc.encoding.n_vocab)
     except ValueError as exc:
         raise InvalidRequestError(str(exc)) from exc

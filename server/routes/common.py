@@ -84,3 +84,21 @@ def parse_logit_bias(bias: dict[str, float] | None, vocab: int) -> dict[int, flo
 def seeded(params: SamplingParams, seed: int | None, index: int) -> SamplingParams:
     """The params of choice `index`: n choices from one seed differ, and repeat across runs."""
     return params if seed is None else replace(params, seed=seed + index)
+
+
+def sampling_params(body: Any, **fields: Any) -> SamplingParams:
+    """SamplingParams from a request's common sampling fields (OpenAI's defaults where unset),
+    plus route-specific `fields`; a value SamplingParams refuses is a 400."""
+    try:
+        return SamplingParams(
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            top_k=-1 if body.top_k is None else body.top_k,
+            min_p=body.min_p or 0.0,
+            presence_penalty=body.presence_penalty or 0.0,
+            frequency_penalty=body.frequency_penalty or 0.0,
+            repetition_penalty=body.repetition_penalty or 1.0,
+            **fields,
+        )
+    except ValueError as exc:
+        raise InvalidRequestError(str(exc)) from exc

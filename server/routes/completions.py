@@ -41,6 +41,7 @@ from server.routes.common import (
     check_stops,
     output_budget,
     parse_logit_bias,
+    sampling_params,
     seeded,
 )
 from server.state import Services, ServicesDep
@@ -192,23 +193,14 @@ def _sampling_params(body: CompletionRequest, svc: Services, prompt_len: int) ->
         svc, prompt_len, body.max_tokens, 16, param="max_tokens", prompt_param="prompt"
     )
     bias = parse_logit_bias(body.logit_bias, svc.encoding.n_vocab)
-    try:
-        return SamplingParams(
-            temperature=1.0 if body.temperature is None else body.temperature,
-            top_p=1.0 if body.top_p is None else body.top_p,
-            top_k=-1 if body.top_k is None else body.top_k,
-            min_p=body.min_p or 0.0,
-            presence_penalty=body.presence_penalty or 0.0,
-            frequency_penalty=body.frequency_penalty or 0.0,
-            repetition_penalty=body.repetition_penalty or 1.0,
-            logit_bias=bias,
-            logprobs=body.logprobs,
-            max_tokens=max_tokens,
-            min_tokens=body.min_tokens,
-            stop_token_ids=tuple(body.stop_token_ids or ()),
-        )
-    except ValueError as exc:
-        raise InvalidRequestError(str(exc)) from exc
+    return sampling_params(
+        body,
+        logit_bias=bias,
+        logprobs=body.logprobs,
+        max_tokens=max_tokens,
+        min_tokens=body.min_tokens,
+        stop_token_ids=tuple(body.stop_token_ids or ()),
+    )
 
 
 # --- one choice: tokens -> text, stop strings, logprobs ----------------------------------------
