@@ -25,6 +25,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import regex
 import tiktoken
 
 logger = logging.getLogger(__name__)
@@ -34,6 +35,8 @@ O200K_BASE_FILE = "o200k_base.tiktoken"
 O200K_BASE_URL = "https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken"
 O200K_BASE_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"
 O200K_BASE_N_RANKS = 199_998
+# Beside a `.tiktoken` file: the vocabulary's own pre-tokenization regex (one line).
+PATTERN_SIDECAR = "tokenizer_pattern.txt"
 
 # The o200k pre-tokenization pattern (shared by o200k_base and o200k_harmony).
 O200K_PATTERN = "|".join(
@@ -284,10 +287,12 @@ def encoding_from_tiktoken_file(path: str | os.PathLike[str]) -> HarmonyEncoding
     """o200k_harmony from an o200k_base ranks file, or another vocabulary with its special tokens.
 
     A vocabulary other than o200k_base names its special tokens in `special_tokens.json`
-    (`{"<|start|>": 4100, ...}`) beside the ranks file.
+    (`{"<|start|>": 4100, ...}`) beside the ranks file, and may give its own pre-tokenization
+    regex in `tokenizer_pattern.txt` (e.g. one digit per piece); without it, o200k's pattern.
     """
     path = Path(path)
     ranks = load_tiktoken_ranks(path)
+    pattern = _read_pattern(path.with_name(PATTERN_SIDECAR))
     sidecar = path.with_name("special_tokens.json")
     if sidecar.is_file():
         specials = _read_special_tokens_json(sidecar)
@@ -300,7 +305,24 @@ def encoding_from_tiktoken_file(path: str | os.PathLike[str]) -> HarmonyEncoding
             f"{path} has {len(ranks)} ranks, not o200k_base's {O200K_BASE_N_RANKS}, and no "
             f"{sidecar.name} beside it naming its special tokens"
         )
-    return encoding_from_ranks(ranks, specials, name=name, source=str(path))
+    return encoding_from_ranks(ranks, specials, name=name, pattern=pattern, source=str(path))
+
+
+def _read_pattern(path: Path) -> str:
+    """The sidecar's regex (trailing newlines dropped), or o200k's when there is no sidecar."""
+    if not path.is_file():
+        return O200K_PATTERN
+    try:
+        pattern = path.read_text(encoding="utf-8").rstrip("\r\n")
+        # tiktoken compiles the pattern lazily and panics on a bad one: check it here.
+        regex.compile(pattern)
+    except (OSError, UnicodeDecodeError, regex.error) as exc:
+        raise TokenizerFormatError(
+            f"cannot use the pre-tokenization pattern in {path}: {exc}"
+        ) from exc
+    if not pattern:
+        raise TokenizerFormatError(f"{path} is empty; expected a pre-tokenization regex")
+    return pattern
 
 
 def _read_special_tokens_json(path: Path) -> dict[str, int]:

@@ -847,3 +847,35 @@ def test_no_source_variable_leaks_into_tests(clean_env: Path) -> None:
     for var in SOURCE_ENV_VARS:
         assert var not in os.environ
     assert tempfile.gettempdir() == str(clean_env)
+
+
+# --- a vocabulary's own pre-tokenization pattern (tokenizer_pattern.txt) -----------------------
+
+
+def _write_digit_vocab(directory: Path) -> Path:
+    """Bytes plus the merge "12", so o200k's pattern (digits in threes) can use it."""
+    ranks = {bytes([b]): b for b in range(256)} | {b"12": 256}
+    path = directory / "digits.tiktoken"
+    path.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items()))
+    specials = {name: 300 + i for i, name in enumerate(REQUIRED_SPECIAL_TOKENS)}
+    (directory / "special_tokens.json").write_text(json.dumps(specials))
+    return path
+
+
+def test_pattern_sidecar_sets_the_pre_tokenization(tmp_path: Path) -> None:
+    path = _write_digit_vocab(tmp_path)
+    without = encoding_from_tiktoken_file(path)
+    assert without.encode("123") == [256, ord("3")]  # o200k's pattern: "123" is one piece
+    (tmp_path / "tokenizer_pattern.txt").write_text(r"\p{N}|[^\p{N}]+" + "\n")
+    with_sidecar = encoding_from_tiktoken_file(path)
+    assert with_sidecar.encode("123") == [ord("1"), ord("2"), ord("3")]  # one digit per piece
+    assert with_sidecar.decode(with_sidecar.encode("a 123 b")) == "a 123 b"
+    assert load_harmony_encoding(model_dir=tmp_path).encode("12") == [ord("1"), ord("2")]
+
+
+@pytest.mark.parametrize("content", ["", "\n", "(unclosed"])
+def test_bad_pattern_sidecar_is_a_format_error(tmp_path: Path, content: str) -> None:
+    path = _write_digit_vocab(tmp_path)
+    (tmp_path / "tokenizer_pattern.txt").write_text(content)
+    with pytest.raises(TokenizerFormatError, match=r"tokenizer_pattern\.txt"):
+        encoding_from_tiktoken_file(path)
