@@ -66,11 +66,21 @@ class AsyncEngine:
         self._streams[request_id] = (asyncio.get_running_loop(), queue)
         self._send(_Add(request_id, list(prompt_token_ids), params))
         finished = False
+        failure: BaseException | None = None
         try:
             while True:
-                item = await queue.get()
+                item = failure or await queue.get()
                 if isinstance(item, BaseException):
                     raise item
+                # A consumer that fell behind gets what queued up as one output: its per-output
+                # work (parsing, an SSE event) is then paid once for several steps, so a loaded
+                # front end catches up instead of falling further behind.
+                while not queue.empty() and item.finish_reason is None:
+                    later = queue.get_nowait()
+                    if isinstance(later, BaseException):
+                        failure = later  # raised on the next round, after this output
+                        break
+                    item = item.followed_by(later)
                 finished = item.finish_reason is not None
                 yield item
                 if finished:

@@ -57,6 +57,18 @@ class RequestOutput:
     finish_reason: FinishReason | None = None
     error: str | None = None
 
+    def followed_by(self, later: RequestOutput) -> RequestOutput:
+        """This output and the next one of the same request as one: the tokens of both, the
+        counters and the ending of the later."""
+        logprobs = None
+        if self.new_logprobs is not None or later.new_logprobs is not None:
+            logprobs = (self.new_logprobs or ()) + (later.new_logprobs or ())
+        return dataclasses.replace(
+            later,
+            new_token_ids=self.new_token_ids + later.new_token_ids,
+            new_logprobs=logprobs,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class EngineStats:

@@ -15,6 +15,7 @@ points. Waits are bounded polls with `asyncio.sleep`; nothing asserts on speed.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -130,10 +131,37 @@ def test_a_stream_carries_the_tokens_of_the_sync_engine(
     for (prompt, params), stream in zip(cases, streams, strict=True):
         assert tokens_of(stream) == sync_tokens(tiny_model, prompt, params)
         assert [out.finish_reason for out in stream] == [None] * (len(stream) - 1) + ["length"]
-        assert [out.num_output_tokens for out in stream] == list(range(1, len(stream) + 1))
+        counts = [len(out.new_token_ids) for out in stream]
+        assert [out.num_output_tokens for out in stream] == list(itertools.accumulate(counts))
         assert {out.num_prompt_tokens for out in stream} == {len(prompt)}
         assert len({out.request_id for out in stream}) == 1
     assert len({stream[0].request_id for stream in streams}) == len(cases)  # fresh ids
+
+
+def test_a_consumer_that_fell_behind_gets_the_queued_outputs_as_one(
+    tiny_model: GptOss, make_engine: Callable[..., AsyncEngine]
+) -> None:
+    prompt = random_prompt(random.Random(2), 20)
+    params = greedy(10, logprobs=2)
+    engine = make_engine()
+
+    async def main() -> list[RequestOutput]:
+        stream = engine.generate(prompt, params)
+        first = await anext(stream)
+        # Every later step's output queues up while this consumer is away.
+        await eventually(lambda: not engine.engine.requests, "the request finished")
+        return [first, *await collect(stream)]
+
+    first, *rest = asyncio.run(main())
+    assert len(first.new_token_ids) == 1
+    assert len(rest) == 1, "the queued outputs come as one"
+    (merged,) = rest
+    assert list(first.new_token_ids + merged.new_token_ids) == sync_tokens(
+        tiny_model, prompt, params
+    )
+    assert merged.num_output_tokens == 10
+    assert merged.finish_reason == "length"
+    assert merged.new_logprobs is not None and len(merged.new_logprobs) == 9
 
 
 def test_20_concurrent_generations_complete_with_their_solo_tokens(
