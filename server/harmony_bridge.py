@@ -109,6 +109,33 @@ def function_tools(tools: Sequence[dict[str, Any]] | None) -> list[ToolDescripti
     return result
 
 
+def forced_function(
+    tool_choice: str | dict[str, Any] | None, tools: Sequence[dict[str, Any]] | None
+) -> str | None:
+    """The function a named `tool_choice` forces (its call header is then prefilled), or None.
+
+    "auto", "none" and "required" force no header here ("required" leaves the model the choice
+    of function, which only constrained decoding can enforce).
+    """
+    if tool_choice is None or tool_choice in ("auto", "none", "required"):
+        return None
+    function = tool_choice.get("function") if isinstance(tool_choice, dict) else None
+    if not isinstance(tool_choice, dict) or tool_choice.get("type") != "function":
+        raise BridgeError(
+            "tool_choice must be 'auto', 'none', 'required' or "
+            "{'type': 'function', 'function': {'name': ...}}",
+            "tool_choice",
+        )
+    name = function.get("name") if isinstance(function, dict) else None
+    declared = [t.name for t in function_tools(tools)]
+    if name not in declared:
+        raise BridgeError(
+            f"tool_choice names the function {name!r}, which is not among the tools {declared}",
+            "tool_choice",
+        )
+    return name
+
+
 def response_formats(response_format: dict[str, Any] | None) -> tuple[ResponseFormat, ...]:
     """A json_schema response format is shown to the model; json_object and text add nothing."""
     if not response_format or response_format.get("type") != "json_schema":

@@ -160,7 +160,9 @@ class _CallParts:
 class ChatOutputMapper:
     """Maps one completion's tokens to chat deltas step by step, then to the whole result."""
 
-    def __init__(self, encoding: HarmonyEncoding) -> None:
+    def __init__(self, encoding: HarmonyEncoding, forced_header: Sequence[int] = ()) -> None:
+        """`forced_header`: prompt tokens after `<|start|>assistant` that opened a forced tool
+        call; read first, as if generated, but not counted as output."""
         self._parser = StreamParser(encoding, Role.ASSISTANT)
         self._start = encoding.ids.start
         self._stop_ids = encoding.assistant_stop_token_ids
@@ -182,12 +184,20 @@ class ChatOutputMapper:
         self._dropped = 0
         self._malformed = False
         self._result: ChatResult | None = None
+        self._n_forced = len(forced_header)
+        # Read now; the call's head goes out, merged, with the first output's deltas.
+        self._consume(forced_header, [])
 
     def feed(self, token_ids: Sequence[int]) -> list[ChatDelta]:
         """Consume the next generated tokens; return the deltas they completed, merged by kind."""
         if self._result is not None:
             raise RuntimeError("feed() after finish()")
         out: list[ChatDelta] = []
+        self._consume(token_ids, out)
+        self._flush(out)
+        return out
+
+    def _consume(self, token_ids: Sequence[int], out: list[ChatDelta]) -> None:
         parser = self._parser
         process = parser.process
         # The per-token path: the parser call, then an append for text or two state comparisons.
@@ -203,8 +213,6 @@ class ChatOutputMapper:
                 self._transition(before, out)
             elif before is _EXPECT_START:
                 self._malformed = True  # a stray stop token outside any message
-        self._flush(out)
-        return out
 
     def finish(self, engine_finish_reason: str | None = None) -> ChatResult:
         """End of output: close what is open and return the whole reply (idempotent)."""
@@ -233,7 +241,7 @@ class ChatOutputMapper:
             tool_calls=tool_calls,
             finish_reason=self._finish_reason(engine_finish_reason, cut_call),
             reasoning_tokens=self._reasoning_tokens,
-            completion_tokens=len(parser.tokens),
+            completion_tokens=len(parser.tokens) - self._n_forced,
             dropped_messages=self._dropped,
             tail_deltas=tuple(out),
         )

@@ -76,7 +76,7 @@ async def create_chat_completion(
 ) -> Any:
     settings: Settings = request.app.state.server.settings
     _check(body, settings, svc)
-    prompt = chat_prompt_ids(
+    prompt, forced_header = chat_prompt_ids(
         svc,
         body.messages,
         tools=body.tools,
@@ -97,7 +97,7 @@ async def create_chat_completion(
     choices = [
         Choice(
             i,
-            ChatOutputMapper(svc.encoding),
+            ChatOutputMapper(svc.encoding, forced_header),
             StopStringMatcher(body.stop_strings()),
             metrics=metrics,
         )

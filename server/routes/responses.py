@@ -43,7 +43,7 @@ from server.protocol.responses import (
     response_object,
 )
 from server.routes.common import check_model, check_queue, check_unsupported, output_budget
-from server.routes.tokenize import chat_prompt_ids
+from server.routes.tokenize import ChatPrompt, chat_prompt_ids
 from server.state import Services, ServicesDep
 from server.store import ResponseStore
 
@@ -61,7 +61,7 @@ class Run:
 
     response: dict[str, Any]
     items: list[dict[str, Any]]  # the conversation before this response's output
-    prompt: list[int]
+    prompt: ChatPrompt
     params: SamplingParams
     store: ResponseStore | None  # None: `store: false`
     task: asyncio.Task | None = None
@@ -189,10 +189,10 @@ async def _prepare(body: ResponsesRequest, svc: Services, store: ResponseStore, 
         response_format=body.response_format(),
         defaults=svc.prompt_defaults,
     )
-    params = _sampling_params(body, svc, len(prompt))
+    params = _sampling_params(body, svc, len(prompt.token_ids))
     response_id = "resp_" + secrets.token_hex(24)
     try:  # refuse now, before a stream has started, what the engine would refuse
-        svc.engine.engine.validate(f"{response_id}-check", prompt, params)
+        svc.engine.engine.validate(f"{response_id}-check", prompt.token_ids, params)
     except RequestError as exc:
         raise InvalidRequestError(str(exc)) from exc
     response = response_object(
@@ -234,12 +234,12 @@ async def _events(run: Run, svc: Services) -> AsyncIterator[dict[str, Any]]:
     yield run.lifecycle("response.created")
     run.response["status"] = "in_progress"
     yield run.lifecycle("response.in_progress")
-    mapper = ChatOutputMapper(svc.encoding)
+    mapper = ChatOutputMapper(svc.encoding, run.prompt.forced_header)
     output = OutputItems()
     run.response["output"] = output.items
     last: RequestOutput | None = None
     error: str | None = None
-    stream = svc.engine.generate(run.prompt, run.params, run.id)
+    stream = svc.engine.generate(run.prompt.token_ids, run.params, run.id)
     try:
         async for step in stream:
             last = step
@@ -274,14 +274,14 @@ async def _events(run: Run, svc: Services) -> AsyncIterator[dict[str, Any]]:
 def _usage(run: Run, last: RequestOutput | None, reasoning_tokens: int) -> dict[str, Any]:
     generated = last.num_output_tokens if last is not None else 0
     return {
-        "input_tokens": len(run.prompt),
+        "input_tokens": len(run.prompt.token_ids),
         "input_tokens_details": {
             "cached_tokens": last.num_cached_tokens if last else 0,
             "cache_write_tokens": 0,  # newer SDKs require it; there is no cache write to bill
         },
         "output_tokens": generated,
         "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
-        "total_tokens": len(run.prompt) + generated,
+        "total_tokens": len(run.prompt.token_ids) + generated,
     }
 
 

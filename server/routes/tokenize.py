@@ -7,14 +7,14 @@
 from __future__ import annotations
 
 import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict
 
 from harmony import Role
 from server.errors import InvalidRequestError, NotFoundError
-from server.harmony_bridge import BridgeError, PromptDefaults, chat_to_harmony
+from server.harmony_bridge import BridgeError, PromptDefaults, chat_to_harmony, forced_function
 from server.state import Services, ServicesDep
 
 router = APIRouter()
@@ -37,6 +37,13 @@ class DetokenizeRequest(BaseModel):
     tokens: list[int]
 
 
+class ChatPrompt(NamedTuple):
+    token_ids: list[int]
+    # The tail of `token_ids` that opens a forced tool call (a named tool_choice): the output
+    # mapper reads it first, as if the model had written it.
+    forced_header: list[int]
+
+
 def chat_prompt_ids(
     svc: Services,
     messages: list[dict[str, Any]],
@@ -47,9 +54,10 @@ def chat_prompt_ids(
     response_format: dict[str, Any] | None,
     defaults: PromptDefaults,
     add_generation_prompt: bool = True,
-) -> list[int]:
+) -> ChatPrompt:
     """The prompt token ids of a chat: the mapping, then harmony rendering."""
     try:
+        forced = forced_function(tool_choice, tools)
         conversation = chat_to_harmony(
             messages,
             today=datetime.datetime.now(datetime.UTC).date(),
@@ -63,9 +71,11 @@ def chat_prompt_ids(
         raise InvalidRequestError(str(exc), param=exc.param) from exc
     except ValueError as exc:
         raise InvalidRequestError(str(exc)) from exc
-    if add_generation_prompt:
-        return svc.renderer.render_for_completion(conversation, Role.ASSISTANT)
-    return svc.renderer.render_conversation(conversation)
+    if not add_generation_prompt:
+        return ChatPrompt(svc.renderer.render_conversation(conversation), [])
+    ids = svc.renderer.render_for_completion(conversation, Role.ASSISTANT)
+    header = svc.renderer.render_call_header(f"functions.{forced}") if forced else []
+    return ChatPrompt(ids + header, header)
 
 
 def _check_model(model: str | None, request: Request) -> None:
@@ -95,7 +105,7 @@ async def tokenize(body: TokenizeRequest, request: Request, svc: ServicesDep) ->
             response_format=None,
             defaults=svc.prompt_defaults,
             add_generation_prompt=body.add_generation_prompt,
-        )
+        ).token_ids
     return {"tokens": tokens, "count": len(tokens), "max_model_len": svc.max_model_len}
 
 

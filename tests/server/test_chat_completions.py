@@ -353,6 +353,50 @@ def test_stop_string_cuts_content(live_server: LiveServer) -> None:
     assert streamed["finish"] == ["stop"]
 
 
+def test_a_named_tool_choice_forces_that_call(live_server: LiveServer) -> None:
+    client = sdk(live_server)
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    kwargs = {"model": MODEL_NAME, "messages": USER, "tools": [WEATHER], "max_tokens": 8}
+    completion = client.chat.completions.create(**kwargs, tool_choice=named)
+    (call,) = completion.choices[0].message.tool_calls
+    assert call.function.name == "get_weather"
+    assert call.id.startswith("call_")
+    assert completion.usage.completion_tokens <= 8
+    # The prompt ends with the call's header: /tokenize (no tool_choice) gives the rest.
+    plain = httpx.post(
+        f"{live_server.base_url}/tokenize",
+        json={"model": MODEL_NAME, "messages": USER, "tools": [WEATHER]},
+    ).json()
+    header = live_server.services.renderer.render_call_header("functions.get_weather")
+    assert completion.usage.prompt_tokens == plain["count"] + len(header)
+
+    chunks = list(client.chat.completions.create(**kwargs, tool_choice=named, stream=True))
+    heads = [
+        tc
+        for chunk in chunks
+        for choice in chunk.choices
+        for tc in choice.delta.tool_calls or []
+        if tc.id is not None
+    ]
+    assert [(tc.index, tc.function.name) for tc in heads] == [(0, "get_weather")]
+
+
+def test_a_tool_choice_naming_an_undeclared_function_is_a_400(live_server: LiveServer) -> None:
+    response = httpx.post(
+        f"{live_server.base_url}/v1/chat/completions",
+        json={
+            "model": MODEL_NAME,
+            "messages": USER,
+            "tools": [WEATHER],
+            "tool_choice": {"type": "function", "function": {"name": "send_email"}},
+        },
+    )
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == "tool_choice"
+    assert "send_email" in error["message"]
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="tool_choice 'required' is accepted but not enforced (CONTRACT: the message after any "

@@ -45,6 +45,7 @@ from server.protocol.responses import (
     response_object,
 )
 from server.routes.responses import Run, _events
+from server.routes.tokenize import ChatPrompt
 from server.store import ResponseStore
 from tests.harmony.synthetic_vocab import synthetic_encoding
 from tests.server.conftest import MODEL_NAME, LiveServer
@@ -204,7 +205,7 @@ def scripted_run(steps: list[tuple[str, str | None, str | None]]) -> list[dict]:
     response = response_object(
         body, response_id="resp_t", created_at=0, model=MODEL_NAME, status="in_progress", output=[]
     )
-    run = Run(response, [], [1, 2, 3], SamplingParams(), None)
+    run = Run(response, [], ChatPrompt([1, 2, 3], []), SamplingParams(), None)
     svc = SimpleNamespace(encoding=SYN, engine=SimpleNamespace(generate=generate))
     return asyncio.run(collect(_events(run, svc)))  # type: ignore[arg-type]
 
@@ -555,3 +556,17 @@ def test_unknown_ids_are_404(live_server: LiveServer) -> None:
         url = f"{live_server.base_url}/v1/responses/resp_missing{path}"
         response = httpx.request(method, url, timeout=10)
         assert response.status_code == 404 and "resp_missing" in response.json()["error"]["message"]
+
+
+def test_a_named_tool_choice_forces_that_function_call(client: openai.OpenAI) -> None:
+    response = client.responses.create(
+        model=MODEL_NAME,
+        input="Weather in Paris?",
+        tools=[TOOL],
+        tool_choice={"type": "function", "name": "get_weather"},
+        max_output_tokens=6,
+        store=False,
+    )
+    calls = [item for item in response.output if item.type == "function_call"]
+    assert [call.name for call in calls] == ["get_weather"]
+    assert calls[0].call_id.startswith("call_")
