@@ -194,6 +194,20 @@ class LLMEngine:
         self.scheduler.finish(request, FinishReason.ABORT)
         return self._output(request, ())
 
+    def warm_up(self) -> None:
+        """One token through the whole path (schedule, forward, sample) before serving, so a
+        model that cannot run fails at start-up rather than on the first request; on the CPU it
+        also pages in the mapped weights of the layers' dense part."""
+        if self.requests:
+            raise RuntimeError("warm_up() is for an idle engine")
+        request = self.add_request("warm-up", [0], SamplingParams(temperature=0.0, max_tokens=1))
+        while self.has_work:
+            self.step()
+        if request.finish_reason is FinishReason.ERROR:
+            raise RuntimeError(f"the model failed its warm-up step: {request.error}")
+        self._generated.clear()
+        self._generated_total = 0
+
     @property
     def has_work(self) -> bool:
         return self.scheduler.has_work

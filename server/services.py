@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
+from typing import TextIO
 
 import torch
 
@@ -27,6 +29,43 @@ def resolve_device(device: str) -> str:
     return device
 
 
+class LoadProgress:
+    """The weights' loading progress: a bar redrawn in place on a terminal, else a log line at
+    each quarter (logs and containers have no terminal to redraw)."""
+
+    WIDTH = 30
+
+    def __init__(self, what: str, stream: TextIO | None = None) -> None:
+        self.what = what
+        self.stream = stream if stream is not None else sys.stderr
+        self.on_terminal = self.stream.isatty()
+        self.start = time.perf_counter()
+        self._logged_quarter = 0
+
+    def __call__(self, done: int, total: int) -> None:
+        elapsed = time.perf_counter() - self.start
+        if self.on_terminal:
+            filled = self.WIDTH * done // total
+            bar = "#" * filled + "." * (self.WIDTH - filled)
+            end = "\n" if done == total else ""
+            self.stream.write(
+                f"\rloading {self.what} [{bar}] {done}/{total} layers {elapsed:.1f} s{end}"
+            )
+            self.stream.flush()
+            return
+        quarter = 4 * done // total
+        if quarter > self._logged_quarter:
+            self._logged_quarter = quarter
+            logger.info(
+                "loading %s: %d%% (%d/%d layers, %.1f s)",
+                self.what,
+                100 * done // total,
+                done,
+                total,
+                elapsed,
+            )
+
+
 def load_services(settings: Settings) -> Services:
     if settings.model is None:
         raise RuntimeError("no model: pass --model /path/to/gpt-oss-20b (or set GPT_OSS_MODEL)")
@@ -34,7 +73,12 @@ def load_services(settings: Settings) -> Services:
     encoding = load_harmony_encoding(settings.tokenizer, model_dir=settings.model)
     logger.info("tokenizer %s", encoding)
     device = resolve_device(settings.device)
-    model = GptOss.from_checkpoint(settings.model, dtype=DTYPES[settings.dtype], device=device)
+    model = GptOss.from_checkpoint(
+        settings.model,
+        dtype=DTYPES[settings.dtype],
+        device=device,
+        progress=LoadProgress(f"{settings.model} on {device}"),
+    )
     vocab = model.config.vocab_size
     beyond = [
         name for name, i in encoding.special_tokens.items() if i >= vocab and "reserved" not in name
@@ -52,6 +96,9 @@ def load_services(settings: Settings) -> Services:
             max_model_len=min(settings.max_model_len, model.config.max_position_embeddings),
         ),
     )
+    warm_up_start = time.perf_counter()
+    engine.warm_up()
+    logger.info("warm-up step done in %.1f s", time.perf_counter() - warm_up_start)
     logger.info(
         "model %s on %s (%s) loaded in %.1f s",
         settings.model,

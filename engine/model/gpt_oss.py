@@ -16,6 +16,7 @@ hot op goes through the kernel interface, so backends swap without touching this
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -59,8 +60,9 @@ class GptOss:
         dtype: torch.dtype = torch.bfloat16,
         device: str | torch.device = "cpu",
         backend: str = "auto",
+        progress: Callable[[int, int], None] | None = None,
     ) -> GptOss:
-        config, weights = load_weights(path, dtype=dtype, device=device)
+        config, weights = load_weights(path, dtype=dtype, device=device, progress=progress)
         return cls(config, weights, select_kernels(backend, device), dtype)
 
     def new_kv_cache(self, num_blocks: dict[str, int], block_size: int = 16) -> PagedKVCache:

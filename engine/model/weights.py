@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import mmap
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -247,9 +248,15 @@ def load_config(directory: str | Path) -> tuple[ModelConfig, str]:
 
 
 def load_weights(
-    directory: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"
+    directory: str | Path,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[ModelConfig, GptOssWeights]:
-    """Read a checkpoint of either layout. Dense weights come in `dtype`; experts stay packed."""
+    """Read a checkpoint of either layout. Dense weights come in `dtype`; experts stay packed.
+
+    `progress(done, total)` is called as each layer's weights reach `device` in `dtype`.
+    """
     directory = Path(directory)
     config, layout = load_config(directory)
     if layout == "hf":
@@ -260,7 +267,7 @@ def load_weights(
         if not files:
             raise CheckpointError(f"{_original_dir(directory)} has no *.safetensors file")
         weights = _read(TensorSource(files), config, _ORIGINAL_NAMES, fused_qkv=True)
-    return config, _to(weights, dtype, torch.device(device))
+    return config, _to(weights, dtype, torch.device(device), progress)
 
 
 _HF_NAMES = {
@@ -364,7 +371,12 @@ def _read(
     )
 
 
-def _to(w: GptOssWeights, dtype: torch.dtype, device: torch.device) -> GptOssWeights:
+def _to(
+    w: GptOssWeights,
+    dtype: torch.dtype,
+    device: torch.device,
+    progress: Callable[[int, int], None] | None = None,
+) -> GptOssWeights:
     """Dense weights to `dtype` (no copy when already so), norms and sinks to float32."""
 
     def dense(t: torch.Tensor) -> torch.Tensor:
@@ -394,4 +406,6 @@ def _to(w: GptOssWeights, dtype: torch.dtype, device: torch.device) -> GptOssWei
             mlp2=experts(m.mlp2),
         )
         layers.append(LayerWeights(attn, moe))
+        if progress is not None:
+            progress(len(layers), len(w.layers))
     return GptOssWeights(dense(w.embedding), layers, f32(w.norm), dense(w.unembedding))
