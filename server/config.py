@@ -8,17 +8,27 @@ frozen, and passed down; the engine and harmony layers get their own configs mad
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from server.model_source import served_name
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GPT_OSS_", frozen=True, extra="forbid")
 
-    model: Path | None = Field(None, description="checkpoint directory (either layout)")
+    model: str | None = Field(
+        None,
+        description="checkpoint directory (either layout) or Hugging Face repo id; "
+        "default: the bundled demo model",
+    )
+    allow_download: bool = Field(
+        False, description="let --model fetch a Hugging Face repo that is not in the local cache"
+    )
     tokenizer: Path | None = Field(None, description="a .tiktoken file, when the model has none")
     served_model_name: str | None = Field(None, description="the model id clients use")
     host: str = "127.0.0.1"
@@ -46,11 +56,16 @@ class Settings(BaseSettings):
     response_max_count: int = Field(10_000, ge=1, description="stored responses kept at most")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
+    @field_validator("model", mode="before")
+    @classmethod
+    def _path_to_str(cls, value: object) -> object:
+        return str(value) if isinstance(value, os.PathLike) else value
+
     @property
     def model_id(self) -> str:
         if self.served_model_name:
             return self.served_model_name
-        return self.model.name if self.model is not None else "gpt-oss"
+        return served_name(self.model)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

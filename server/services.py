@@ -16,6 +16,7 @@ from engine.model.gpt_oss import GptOss
 from harmony import ReasoningEffort, load_harmony_encoding
 from server.config import Settings
 from server.harmony_bridge import PromptDefaults
+from server.model_source import resolve_model
 from server.state import Services
 
 logger = logging.getLogger(__name__)
@@ -67,17 +68,18 @@ class LoadProgress:
 
 
 def load_services(settings: Settings) -> Services:
-    if settings.model is None:
-        raise RuntimeError("no model: pass --model /path/to/gpt-oss-20b (or set GPT_OSS_MODEL)")
     start = time.perf_counter()
-    encoding = load_harmony_encoding(settings.tokenizer, model_dir=settings.model)
+    source = resolve_model(settings.model, allow_download=settings.allow_download)
+    encoding = load_harmony_encoding(
+        settings.tokenizer, model_dir=source.path, allow_download=settings.allow_download
+    )
     logger.info("tokenizer %s", encoding)
     device = resolve_device(settings.device)
     model = GptOss.from_checkpoint(
-        settings.model,
+        source.path,
         dtype=DTYPES[settings.dtype],
         device=device,
-        progress=LoadProgress(f"{settings.model} on {device}"),
+        progress=LoadProgress(f"{source.path.name} on {device}"),
     )
     vocab = model.config.vocab_size
     beyond = [
@@ -101,7 +103,7 @@ def load_services(settings: Settings) -> Services:
     logger.info("warm-up step done in %.1f s", time.perf_counter() - warm_up_start)
     logger.info(
         "model %s on %s (%s) loaded in %.1f s",
-        settings.model,
+        source.path,
         device,
         settings.dtype,
         time.perf_counter() - start,
