@@ -1,6 +1,8 @@
 """The engine core: requests in, one step at a time: schedule -> execute -> update -> outputs.
 
-Synchronous and single-threaded; `async_engine.py` drives it from its own thread for the server.
+Synchronous and single-threaded; the server drives it from a child process (`engine_process.py`)
+or a thread (`async_engine.py`).
+
 A failure stays with the request it belongs to: a request's own logits processor raising fails that
 request only; a failed model step fails the requests of that step, and the engine goes on.
 """
@@ -81,6 +83,42 @@ class EngineStats:
     prompt_tokens_total: int = 0
     cached_prompt_tokens_total: int = 0
     generated_tokens_total: int = 0
+    # KV blocks a request could get now (cached idle ones count as free), and all usable ones,
+    # summed over the cache groups: equal when no request holds a block.
+    kv_blocks_free: int = 0
+    kv_blocks_total: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RequestValidator:
+    """What a request needs to run to completion, from numbers alone (no model, no cache): so an
+    engine in another process can be asked in this one, before a stream starts."""
+
+    vocab_size: int
+    max_request_tokens: int  # prompt + output tokens one request may reach
+
+    def check(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise RequestError unless the engine can run this request to completion."""
+        if not prompt_token_ids:
+            raise RequestError("the prompt must hold at least one token")
+        vocab = self.vocab_size
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt_token_ids):
+            raise RequestError("prompt token ids must be integers")
+        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise RequestError(
+                f"prompt token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})"
+            )
+        limit = self.max_request_tokens
+        if len(prompt_token_ids) >= limit:
+            raise RequestError(
+                f"the prompt has {len(prompt_token_ids)} tokens; at most {limit - 1} fit "
+                "(the context limit or the KV cache)"
+            )
+        try:
+            params.check_vocab(vocab)
+        except ValueError as exc:
+            raise RequestError(str(exc)) from exc
 
 
 def sliding_pool_blocks(config: EngineConfig, window: int) -> int:
@@ -113,6 +151,7 @@ class LLMEngine:
         self.max_request_tokens = min(
             config.max_model_len, (num_blocks.get(FULL, 2) - 1) * config.block_size
         )
+        self.validator = RequestValidator(mc.vocab_size, self.max_request_tokens)
         self.scheduler = Scheduler(
             SchedulerConfig(
                 config.max_num_seqs, config.max_num_batched_tokens, self.max_request_tokens
@@ -142,26 +181,7 @@ class LLMEngine:
         """Raise RequestError unless the engine can run this request to completion."""
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use")
-        if not prompt_token_ids:
-            raise RequestError("the prompt must hold at least one token")
-        vocab = self.model.config.vocab_size
-        if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt_token_ids):
-            raise RequestError("prompt token ids must be integers")
-        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
-        if bad:
-            raise RequestError(
-                f"prompt token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})"
-            )
-        limit = self.max_request_tokens
-        if len(prompt_token_ids) >= limit:
-            raise RequestError(
-                f"the prompt has {len(prompt_token_ids)} tokens; at most {limit - 1} fit "
-                "(the context limit or the KV cache)"
-            )
-        try:
-            params.check_vocab(vocab)
-        except ValueError as exc:
-            raise RequestError(str(exc)) from exc
+        self.validator.check(prompt_token_ids, params)
 
     def _isolate_processors(self, request_id: str, params: SamplingParams) -> SamplingParams:
         """Wrap a request's logits processors so that an exception fails only that request."""
@@ -287,4 +307,6 @@ class LLMEngine:
             prompt_tokens_total=s.prompt_tokens_seen,
             cached_prompt_tokens_total=s.prompt_tokens_cached,
             generated_tokens_total=self._generated_total,
+            kv_blocks_free=sum(pool.num_free for pool in self.kv.pools.values()),
+            kv_blocks_total=sum(pool.num_usable for pool in self.kv.pools.values()),
         )

@@ -142,12 +142,14 @@ def test_a_consumer_that_fell_behind_gets_the_queued_outputs_as_one(
     tiny_model: GptOss, make_engine: Callable[..., AsyncEngine]
 ) -> None:
     prompt = random_prompt(random.Random(2), 20)
-    params = greedy(10, logprobs=2)
+    hold = Hold(at=1)  # the second step waits until the first output was taken, not merged
+    params = greedy(10, logprobs=2, logits_processors=(hold,))
     engine = make_engine()
 
     async def main() -> list[RequestOutput]:
         stream = engine.generate(prompt, params)
         first = await anext(stream)
+        hold.release()
         # Every later step's output queues up while this consumer is away.
         await eventually(lambda: not engine.engine.requests, "the request finished")
         return [first, *await collect(stream)]
@@ -250,7 +252,7 @@ def test_abort_from_outside_ends_the_stream_with_abort(
         outputs = []
         async for out in engine.generate([5, 6, 7], greedy(50, logits_processors=(hold,)), "x"):
             outputs.append(out)
-            if len(outputs) == 2:
+            if len(tokens_of(outputs)) == 2:  # two outputs, or one if the consumer fell behind
                 await eventually(hold.reached.is_set, "the engine thread reaching the hold")
                 engine.abort("x")
                 hold.release()
@@ -261,9 +263,9 @@ def test_abort_from_outside_ends_the_stream_with_abort(
     finally:
         hold.release()
     assert outputs[-1].finish_reason == FinishReason.ABORT
-    assert outputs[-1].new_token_ids == ()
     assert all(out.finish_reason is None for out in outputs[:-1])
-    assert len(tokens_of(outputs)) == 3  # the step in flight when the abort came finished
+    # The step in flight when the abort came finished (its token may come merged with the end).
+    assert len(tokens_of(outputs)) == 3
     engine.shutdown()
     assert all_blocks_free(engine)
     engine.engine.kv.check_invariants()
