@@ -1,8 +1,8 @@
 """create_app(settings, loader) -> the FastAPI application: routers, lifespan, auth, limits, errors.
 
 The model loads in a background thread when the app starts; until it is really ready `/health`
-answers 503 (and so do the API routes), never a lazy failure on a first request. Shutdown stops the
-engine, ending open streams cleanly.
+answers 503 (and so do the API routes), never a lazy failure on a first request; so it does again if
+the engine's process dies. Shutdown stops the engine, ending open streams cleanly.
 """
 
 from __future__ import annotations
@@ -13,13 +13,15 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from engine.async_engine import EngineDeadError
 from server.config import Settings
 from server.errors import (
     RequestTooLargeError,
+    ServiceUnavailableError,
     envelope,
     error_response,
     install_error_handlers,
@@ -135,13 +137,19 @@ def create_app(settings: Settings, loader: Callable[[Settings], Services]) -> Fa
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        if state.services is not None:
+        failure = state.services.engine.failure if state.services is not None else None
+        if state.services is not None and failure is None:
             return JSONResponse({"status": "ok"})
-        status = "error" if state.load_error else "loading"
+        status = "error" if state.load_error or failure else "loading"
+        message = failure or state.load_error or "loading"
         return JSONResponse(
-            {"status": status, **envelope(state.load_error or "loading", "server_error")},
-            status_code=503,
+            {"status": status, **envelope(message, "server_error")}, status_code=503
         )
+
+    @app.exception_handler(EngineDeadError)
+    async def engine_dead(_: Request, exc: EngineDeadError) -> JSONResponse:
+        # The engine died between the readiness check and the request's start.
+        return error_response(ServiceUnavailableError(str(exc)))
 
     auth = [Depends(require_api_key)]
     app.include_router(models.router, dependencies=auth)

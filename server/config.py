@@ -55,6 +55,11 @@ class Settings(BaseSettings):
     response_max_age_s: float = Field(30 * 24 * 3600, gt=0, description="stored responses expire")
     response_max_count: int = Field(10_000, ge=1, description="stored responses kept at most")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    engine_process: bool = Field(
+        True,
+        description="run the engine core in its own process (its own GIL); "
+        "--no-engine-process runs it in a thread of the server",
+    )
 
     @field_validator("model", mode="before")
     @classmethod

@@ -1,17 +1,24 @@
-"""Start-up: from settings to the loaded vocabulary, model and engine the routes use."""
+"""Start-up: from settings to the loaded vocabulary, model and engine the routes use.
+
+The engine core runs in its own process by default (`ProcessEngine`: the front end and the engine
+each get a GIL), or in a thread of this one with `--no-engine-process` (`AsyncEngine`).
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
 import time
+from dataclasses import replace
+from pathlib import Path
 from typing import TextIO
 
 import torch
 
-from engine.async_engine import AsyncEngine
+from engine.async_engine import AsyncEngine, AsyncEngineBase
 from engine.config import DTYPES
 from engine.engine import EngineConfig, LLMEngine
+from engine.engine_process import EngineSpec, ProcessEngine
 from engine.model.gpt_oss import GptOss
 from harmony import ReasoningEffort, load_harmony_encoding
 from server.config import Settings
@@ -75,44 +82,63 @@ def load_services(settings: Settings) -> Services:
     )
     logger.info("tokenizer %s", encoding)
     device = resolve_device(settings.device)
-    model = GptOss.from_checkpoint(
-        source.path,
-        dtype=DTYPES[settings.dtype],
-        device=device,
-        progress=LoadProgress(f"{source.path.name} on {device}"),
+    config = EngineConfig(
+        kv_cache_tokens=settings.kv_cache_tokens,
+        max_num_seqs=settings.max_num_seqs,
+        max_num_batched_tokens=settings.max_num_batched_tokens,
+        max_model_len=settings.max_model_len,  # capped at the model's positions where it loads
     )
-    vocab = model.config.vocab_size
+    progress = LoadProgress(f"{source.path.name} on {device}")
+    engine: AsyncEngineBase
+    if settings.engine_process:
+        spec = EngineSpec(
+            str(source.path),
+            dtype=settings.dtype,
+            device=device,
+            config=config,
+            torch_threads=torch.get_num_threads(),  # what this process was given
+            log_level=logging.getLogger().getEffectiveLevel(),
+        )
+        engine = ProcessEngine(spec, progress=progress)  # returns after the warm-up step
+    else:
+        engine = AsyncEngine(_thread_engine(source.path, settings, device, config, progress))
+    vocab = engine.vocab_size
     beyond = [
         name for name, i in encoding.special_tokens.items() if i >= vocab and "reserved" not in name
     ]
     if beyond:
+        engine.shutdown()
         raise RuntimeError(
             f"the tokenizer's {beyond} lie outside the model's {vocab}-token vocabulary"
         )
-    engine = LLMEngine(
-        model,
-        EngineConfig(
-            kv_cache_tokens=settings.kv_cache_tokens,
-            max_num_seqs=settings.max_num_seqs,
-            max_num_batched_tokens=settings.max_num_batched_tokens,
-            max_model_len=min(settings.max_model_len, model.config.max_position_embeddings),
-        ),
-    )
-    warm_up_start = time.perf_counter()
-    engine.warm_up()
-    logger.info("warm-up step done in %.1f s", time.perf_counter() - warm_up_start)
     logger.info(
-        "model %s on %s (%s) loaded in %.1f s",
+        "model %s on %s (%s) loaded in %.1f s, engine in %s",
         source.path,
         device,
         settings.dtype,
         time.perf_counter() - start,
+        "its own process" if settings.engine_process else "a thread",
     )
     return Services(
         encoding=encoding,
-        engine=AsyncEngine(engine),
+        engine=engine,
         max_model_len=engine.max_request_tokens,
         prompt_defaults=PromptDefaults(
             reasoning_effort=ReasoningEffort(settings.default_reasoning_effort)
         ),
     )
+
+
+def _thread_engine(
+    path: Path, settings: Settings, device: str, config: EngineConfig, progress: LoadProgress
+) -> LLMEngine:
+    """The engine core in this process (`--no-engine-process`), loaded and warmed up."""
+    model = GptOss.from_checkpoint(
+        path, dtype=DTYPES[settings.dtype], device=device, progress=progress
+    )
+    positions = model.config.max_position_embeddings
+    engine = LLMEngine(model, replace(config, max_model_len=min(config.max_model_len, positions)))
+    warm_up_start = time.perf_counter()
+    engine.warm_up()
+    logger.info("warm-up step done in %.1f s", time.perf_counter() - warm_up_start)
+    return engine

@@ -9,7 +9,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from engine.async_engine import AsyncEngine
+from engine.async_engine import AsyncEngineBase
 from harmony import HarmonyEncoding, Renderer
 from server.config import Settings
 from server.errors import AuthenticationError, ServiceUnavailableError
@@ -21,7 +21,7 @@ class Services:
     """What the routes use: the vocabulary, the renderer and the engine's door."""
 
     encoding: HarmonyEncoding
-    engine: AsyncEngine
+    engine: AsyncEngineBase
     max_model_len: int
     prompt_defaults: PromptDefaults = field(default_factory=PromptDefaults)
     renderer: Renderer = field(init=False)
@@ -43,6 +43,9 @@ def services(request: Request) -> Services:
     if state.services is None:
         reason = state.load_error or "the model is still loading"
         raise ServiceUnavailableError(f"not ready: {reason}")
+    failure = state.services.engine.failure
+    if failure is not None:  # the engine's process died: every request is refused, not hung
+        raise ServiceUnavailableError(failure)
     return state.services
 
 

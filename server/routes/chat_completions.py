@@ -88,7 +88,7 @@ async def create_chat_completion(
     params = _sampling_params(body, svc, len(prompt))
     completion_id = "chatcmpl-" + secrets.token_hex(12)
     try:  # refuse now, before a stream has started, what the engine would refuse
-        svc.engine.engine.validate(f"{completion_id}-check", prompt, params)
+        svc.engine.validate(f"{completion_id}-check", prompt, params)
     except RequestError as exc:
         raise InvalidRequestError(str(exc)) from exc
     created = int(time.time())

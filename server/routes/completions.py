@@ -100,7 +100,7 @@ async def create_completion(body: CompletionRequest, request: Request, svc: Serv
     completion_id = "cmpl-" + secrets.token_hex(12)
     try:  # refuse now, before a stream has started, what the engine would refuse
         for i, prompt in enumerate(prompts):
-            svc.engine.engine.validate(f"{completion_id}-check-{i}", prompt, params)
+            svc.engine.validate(f"{completion_id}-check-{i}", prompt, params)
     except RequestError as exc:
         raise InvalidRequestError(str(exc), param="prompt") from exc
     metrics = metrics_of(request.app)

@@ -192,7 +192,7 @@ async def _prepare(body: ResponsesRequest, svc: Services, store: ResponseStore, 
     params = _sampling_params(body, svc, len(prompt.token_ids))
     response_id = "resp_" + secrets.token_hex(24)
     try:  # refuse now, before a stream has started, what the engine would refuse
-        svc.engine.engine.validate(f"{response_id}-check", prompt.token_ids, params)
+        svc.engine.validate(f"{response_id}-check", prompt.token_ids, params)
     except RequestError as exc:
         raise InvalidRequestError(str(exc)) from exc
     response = response_object(

@@ -2,7 +2,8 @@
 
 `live_server` serves the tiny model with the synthetic harmony vocabulary written into the model
 directory (`vocab.tiktoken` + `special_tokens.json`), so it runs without ../shared.
-`make_server(**settings)` starts more servers with other settings (an API key, small limits).
+`make_server(**settings)` starts more servers with other settings (an API key, small limits, the
+engine in its own process with `engine_process=True`; by default it runs in a thread).
 """
 
 from __future__ import annotations
@@ -43,8 +44,9 @@ class LiveServer:
         return self.app.state.server.services  # type: ignore[attr-defined]
 
     def kv_pools_all_free(self) -> bool:
-        pools = self.services.engine.engine.kv.pools.values()
-        return all(pool.num_free == pool.num_usable for pool in pools)
+        """Every KV block is free, by the engine's stats (either engine kind, no reaching in)."""
+        stats = self.services.engine.stats()
+        return stats.kv_blocks_total > 0 and stats.kv_blocks_free == stats.kv_blocks_total
 
     def wait_until(self, predicate: Callable[[], bool], timeout: float = 30.0) -> bool:
         deadline = time.monotonic() + timeout
@@ -93,6 +95,9 @@ def make_server(
                 "kv_cache_tokens": 8192,
                 "max_model_len": 4096,
                 "port": _free_port(),
+                # The in-thread engine: a fixture server starts in a blink; the process engine
+                # has its own tests (test_engine_process.py).
+                "engine_process": False,
                 **overrides,
             }
         )
