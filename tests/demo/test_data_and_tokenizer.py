@@ -1,0 +1,108 @@
+"""The demo's data and vocabulary: generated conversations render and parse, the BPE round-trips.
+
+- Every kind of generated example renders through the server's own code (`chat_to_harmony`, the
+  renderer) and the whole prompt + completion parses in strict mode, ending in the assistant's
+  messages exactly as generated (a tool call on commentary with `<|constrain|>json`, a final
+  answer ending `<|return|>`).
+- The analysis is longer at a higher reasoning effort, for every kind of example.
+- The trained BPE round-trips text, spells digits one per token, carries the harmony specials by
+  name, and its written files load back through `harmony.tokens` into the same encoding.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+from pathlib import Path
+
+import pytest
+
+from demo.bpe import DEMO_PATTERN, RecordingEncoding, build_encoding, train_bpe, write_vocabulary
+from demo.conversations import EFFORTS, TOOLS, generate, generate_example, render_example
+from harmony import HarmonyEncoding, Renderer, Role, parse_messages
+from harmony.tokens import REQUIRED_SPECIAL_TOKENS, encoding_from_tiktoken_file
+
+KINDS = ("arith", "tool_call", "tool_answer", "refusal")
+
+
+@pytest.fixture(scope="module")
+def tokens() -> list[bytes]:
+    recording = RecordingEncoding()
+    renderer = Renderer(recording)
+    for example in generate(400, seed=5):
+        render_example(example, renderer)
+    return train_bpe(recording.texts.elements(), 1500)
+
+
+@pytest.fixture(scope="module")
+def encoding(tokens: list[bytes]) -> HarmonyEncoding:
+    return build_encoding(tokens)
+
+
+def test_generation_is_deterministic() -> None:
+    a, b = generate(50, seed=3), generate(50, seed=3)
+    assert [(e.messages, e.completion) for e in a] == [(e.messages, e.completion) for e in b]
+    assert [e.messages for e in a] != [e.messages for e in generate(50, seed=4)]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_examples_render_and_parse_strictly(encoding: HarmonyEncoding, kind: str) -> None:
+    renderer = Renderer(encoding)
+    rng = random.Random(kind)
+    for _ in range(60):
+        example = generate_example(rng, kind)
+        prompt, completion = render_example(example, renderer)
+        messages = parse_messages(encoding, prompt + completion, strict=True)
+        produced = messages[-len(example.completion) :]
+        assert [(m.channel, m.recipient, m.content) for m in produced] == [
+            (m.channel, m.recipient, m.content) for m in example.completion
+        ]
+        assert all(m.author.role is Role.ASSISTANT for m in produced)
+        assert completion[-1] == (
+            encoding.ids.call if kind == "tool_call" else encoding.ids.return_
+        )
+        # The completion alone (what the model samples) parses too.
+        assert len(parse_messages(encoding, completion, Role.ASSISTANT, strict=True)) == len(
+            example.completion
+        )
+        if kind == "tool_call":
+            call = example.completion[-1]
+            assert call.channel == "commentary" and call.content_type == "<|constrain|>json"
+            name = call.recipient.removeprefix("functions.")
+            arguments = json.loads(call.content[0].text)
+            assert set(TOOLS[name]["parameters"]["required"]) <= set(arguments)
+            assert name in {t["function"]["name"] for t in example.tools}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_analysis_grows_with_reasoning_effort(kind: str) -> None:
+    rng = random.Random(kind + "effort")
+    lengths: dict[str, list[int]] = {effort: [] for effort in EFFORTS}
+    for _ in range(300):
+        example = generate_example(rng, kind)
+        lengths[example.reasoning_effort].append(len(example.completion[0].content[0].text))
+    low, medium, high = (statistics.mean(lengths[e]) for e in EFFORTS)
+    assert low < medium < high
+    assert max(lengths["low"]) < min(lengths["high"])
+
+
+def test_bpe_round_trips_and_spells_digits(encoding: HarmonyEncoding) -> None:
+    for text in ("What is 47 + 38?", "héllo wörld ✓ 2025-03-14", "", "  \n\n tabs\there"):
+        assert encoding.decode(encoding.encode(text)) == text
+    digits = encoding.encode("12345")
+    assert [encoding.decode([t]) for t in digits] == ["1", "2", "3", "4", "5"]
+    # Merges were learned from the corpus: a common word is one token.
+    assert len(encoding.encode(" assistant")) < len(" assistant")
+
+
+def test_vocabulary_files_load_with_specials_by_name(tokens: list[bytes], tmp_path: Path) -> None:
+    write_vocabulary(tmp_path, tokens)
+    loaded = encoding_from_tiktoken_file(tmp_path / "demo.tiktoken")
+    for name in REQUIRED_SPECIAL_TOKENS:
+        assert loaded.token(name) >= len(tokens)
+    assert loaded.n_vocab == len(tokens) + len(loaded.special_tokens)
+    text = "Convert 7 km to meters: 7000. <|start|> stays text"
+    assert loaded.encode(text) == build_encoding(tokens).encode(text)
+    assert loaded.encode("2025") == [ord(c) for c in "2025"]
+    assert (tmp_path / "tokenizer_pattern.txt").read_text().strip() == DEMO_PATTERN
