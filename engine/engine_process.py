@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import multiprocessing
+import operator
 import pickle
 import signal
 import threading
@@ -96,8 +97,25 @@ class _Failed:
     message: str
 
 
-# A step, child -> parent: (outputs, [(request id, refusal)], stats). A tuple pickles smallest.
-_Step = tuple[list[RequestOutput], list[tuple[str, str]], EngineStats]
+# A step, child -> parent: (outputs, [(request id, refusal)], stats), as plain tuples of fields:
+# pickling a list of dataclasses goes through __reduce_ex__ per object (a 32-request step: about
+# 130 us to pickle and 130 to unpickle, against 20 and 50 as rows).
+_Step = tuple[list[tuple], list[tuple[str, str]], tuple]
+_output_row = operator.attrgetter(*(f.name for f in dataclasses.fields(RequestOutput)))
+_stats_row = operator.attrgetter(*(f.name for f in dataclasses.fields(EngineStats)))
+
+
+def _encode_step(
+    outputs: list[RequestOutput], refused: list[tuple[str, str]], stats: EngineStats
+) -> _Step:
+    return [_output_row(output) for output in outputs], refused, _stats_row(stats)
+
+
+def _decode_step(step: _Step) -> tuple[list[RequestOutput], list[tuple[str, str]], EngineStats]:
+    rows, refused, stats = step
+    return [RequestOutput(*row) for row in rows], refused, EngineStats(*stats)
+
+
 _BYE = "bye"  # the child's last message after a shutdown command
 
 
@@ -167,7 +185,7 @@ class ProcessEngine(AsyncEngineBase):
         if self._stopping:
             return
         self._stopping = True
-        self._post(pickle.dumps(_Shutdown()))
+        self._post(pickle.dumps(("", pickle.dumps(_Shutdown()))))
         self._reader.join(timeout)  # the child's last outputs (the aborts) are handed over
         self._stop_process()
         self._post(None)
@@ -224,7 +242,9 @@ class ProcessEngine(AsyncEngineBase):
             payload = pickle.dumps(command, protocol=pickle.HIGHEST_PROTOCOL)
         except (pickle.PicklingError, TypeError, AttributeError) as exc:
             raise RequestError(f"the request cannot reach the engine process: {exc}") from exc
-        self._post(payload)
+        # The id travels beside the pickled command: a command the child cannot unpickle (a
+        # processor's class it cannot import) is refused for that request, not fatal to all.
+        self._post(pickle.dumps((command.request_id, payload), protocol=pickle.HIGHEST_PROTOCOL))
 
     def _post(self, payload: bytes | None) -> None:
         with self._outbox_ready:
@@ -256,7 +276,7 @@ class ProcessEngine(AsyncEngineBase):
                 message = self._conn.recv()
                 if message == _BYE:
                     return
-                outputs, refused, self._stats = message
+                outputs, refused, self._stats = _decode_step(message)
                 if outputs:
                     self._deliver_step(outputs)
                 for request_id, reason in refused:
@@ -326,23 +346,37 @@ def _serve(engine: LLMEngine, conn: Connection) -> None:
     """Commands in, a step, its outputs out, until a shutdown command or the parent goes away."""
     while True:
         # Block for a command only when idle; with work, take what arrived and step on.
-        commands = [] if engine.has_work else [conn.recv()]
+        received = [] if engine.has_work else [conn.recv()]
         while conn.poll():
-            commands.append(conn.recv())
+            received.append(conn.recv())
         outputs: list[RequestOutput] = []
         refused: list[tuple[str, str]] = []
+        commands = _unpickle(received, refused)
         for command in commands:
             if isinstance(command, _Shutdown):
                 outputs += [o for rid in list(engine.requests) if (o := engine.abort(rid))]
-                conn.send((outputs, refused, engine.stats()))
+                conn.send(_encode_step(outputs, refused, engine.stats()))
                 conn.send(_BYE)
                 return
             _apply(engine, command, outputs, refused)
         if engine.has_work:
             outputs += engine.step()
         # Idle or not, the parent's snapshot must show the change (an abort, a queued request).
-        if outputs or refused or commands or not engine.has_work:
-            conn.send((outputs, refused, engine.stats()))
+        if outputs or refused or received or not engine.has_work:
+            conn.send(_encode_step(outputs, refused, engine.stats()))
+
+
+def _unpickle(
+    received: list[tuple[str, bytes]], refused: list[tuple[str, str]]
+) -> list[Command | _Shutdown]:
+    commands = []
+    for request_id, payload in received:
+        try:
+            commands.append(pickle.loads(payload))
+        except Exception as exc:  # that request is refused with the reason; the engine goes on
+            logger.exception("the command for request %s cannot be unpickled", request_id)
+            refused.append((request_id, f"the engine process cannot read the request: {exc!r}"))
+    return commands
 
 
 def _apply(

@@ -4,7 +4,7 @@ Proven here: streams carry exactly the tokens the synchronous `LLMEngine` produc
 a prompt past the sliding window), 20 concurrent streams all get their solo tokens; a consumer that
 stops iterating aborts its request and every KV block comes back (read from `stats()`, the only
 view of a child's cache); `abort(id)` ends a stream with 'abort'; a bad request raises
-`RequestError` before any output, an unpicklable logits processor included, while a picklable one
+`RequestError` before any output, an unpicklable logits processor included (or one the child cannot unpickle), while a picklable one
 runs in the child; `shutdown()` ends open streams with 'abort' and leaves no child; a killed child
 makes open streams and new requests raise `EngineDeadError`; a model that cannot load fails the
 constructor with the child's message.
@@ -114,6 +114,22 @@ class BanToken:
         return logits
 
 
+class OnlyInThisProcess:
+    """A logits processor that pickles here but cannot be unpickled in the child."""
+
+    def __call__(self, output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
+        return logits
+
+    def __reduce__(self) -> tuple:
+        return (_made_in, (os.getpid(),))
+
+
+def _made_in(pid: int) -> OnlyInThisProcess:
+    if os.getpid() != pid:
+        raise RuntimeError("not in the process that made it")
+    return OnlyInThisProcess()
+
+
 # --- streams -----------------------------------------------------------------------------------
 
 
@@ -220,6 +236,7 @@ def test_a_bad_request_raises_before_any_output(engine: ProcessEngine) -> None:
             ([1, VOCAB + 1], greedy(4), "outside the vocabulary"),
             ([1] * limit, greedy(4), f"at most {limit - 1} fit"),
             ([1, 2], greedy(4, logits_processors=(lambda ids, row: row,)), "must pickle"),
+            ([1, 2], greedy(4, logits_processors=(OnlyInThisProcess(),)), "cannot read"),
         ):
             yielded = []
             with pytest.raises(RequestError, match=message):
