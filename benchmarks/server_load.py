@@ -8,6 +8,10 @@ request has a random token-id prompt and decodes greedily exactly `--output-len`
 sides do identical engine work. It prints requests/s and output tokens/s for each and their ratio:
 the front end must never be the bottleneck (goal: HTTP >= 90% of engine-direct at 32 clients).
 
+Both modes use the same engine kind (`--engine`): `process` (the default, as the server runs it:
+the engine core in a child process with its own GIL) or `thread` (the core in a thread of the
+server process). With `process` the child's CPU time per output token is shown beside the server's.
+
 The HTTP clients (httpx.AsyncClient) run in a separate process by default, as real clients do, so
 their own SSE parsing does not take the server's GIL (`--clients in-process` to compare). Each
 mode gets fresh prompts of the same shape in every round, so neither reuses the other's prefix
@@ -18,7 +22,7 @@ its difference between the modes is what the HTTP layer costs per streamed token
 
     python benchmarks/server_load.py
     python benchmarks/server_load.py [--concurrency 1 8 32] [--prompt-len 64] [--output-len 64]
-        [--num-requests N] [--rounds 2] [--clients subprocess|in-process]
+        [--num-requests N] [--rounds 2] [--engine process|thread] [--clients subprocess|in-process]
         [--http auto|h11|httptools] [--loop auto|asyncio|uvloop] [--threads 1]
 
 The checkpoint is written on first use to /tmp/gpt-oss-random/tiny-server (the tests' tiny preset
@@ -33,6 +37,7 @@ import datetime
 import json
 import logging
 import multiprocessing
+import os
 import platform
 import random
 import socket
@@ -62,6 +67,7 @@ class Result:
     wall_s: float
     cpu_s: float  # CPU time of this process (server, engine and in-process clients) in the run
     client_cpu_s: float = 0.0  # CPU time of the client process, when the clients have their own
+    engine_cpu_s: float = 0.0  # CPU time of the engine process, when the engine has its own
 
     @property
     def requests_per_s(self) -> float:
@@ -75,6 +81,19 @@ class Result:
     def cpu_us_per_token(self) -> float:
         """CPU of the server process per output token: robust to a busy machine's stolen time."""
         return 1e6 * self.cpu_s / self.output_tokens
+
+    @property
+    def engine_cpu_us_per_token(self) -> float:
+        return 1e6 * self.engine_cpu_s / self.output_tokens
+
+
+def process_cpu_s(pid: int | None) -> float:
+    """User + system CPU seconds of another process so far (Linux /proc; 0 where there is none)."""
+    stat = Path(f"/proc/{pid}/stat")
+    if pid is None or not stat.exists():
+        return 0.0
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def make_prompts(n: int, length: int, seed: int) -> list[list[int]]:
@@ -187,6 +206,7 @@ def start_server(args: argparse.Namespace) -> tuple[Any, Any, str]:
         max_model_len=4096,
         port=free_port(),
         log_level="warning",
+        engine_process=args.engine == "process",
     )
     app = create_app(settings, load_services)
     config = uvicorn.Config(
@@ -225,11 +245,12 @@ def run_level(
     n = args.num_requests or max(16, 4 * concurrency)
     params = SamplingParams(temperature=0, max_tokens=args.output_len, min_tokens=args.output_len)
     best: dict[str, Result] = {}
+    engine_pid = getattr(engine, "pid", None)
     for round_ in range(args.rounds):
         for mode in args.modes:
             seed = args.seed * 10**6 + concurrency * 1000 + round_ * 10 + (mode == "engine")
             prompts = make_prompts(n, args.prompt_len, seed)
-            cpu, client_cpu = time.process_time(), 0.0
+            cpu, client_cpu, engine_cpu = time.process_time(), 0.0, process_cpu_s(engine_pid)
             if mode == "engine":
                 tokens, wall = asyncio.run(engine_clients(engine, prompts, params, concurrency))
             elif pool is not None:
@@ -238,18 +259,21 @@ def run_level(
             else:
                 tokens, wall, _ = http_clients_blocking(url, prompts, args.output_len, concurrency)
             cpu = time.process_time() - cpu
+            engine_cpu = process_cpu_s(engine_pid) - engine_cpu
             if tokens != n * args.output_len:
                 log.warning("%s: %d tokens, expected %d", mode, tokens, n * args.output_len)
-            result = Result(mode, concurrency, n, tokens, wall, cpu, client_cpu)
+            result = Result(mode, concurrency, n, tokens, wall, cpu, client_cpu, engine_cpu)
             log.info(
-                "clients %d round %d %s: %.1f tok/s, server CPU %.0f us/token; cores busy: "
-                "server %.2f, clients %.2f",
+                "clients %d round %d %s: %.1f tok/s, server CPU %.0f us/token, engine process "
+                "%.0f us/token; cores busy: server %.2f, engine process %.2f, clients %.2f",
                 concurrency,
                 round_,
                 mode,
                 result.tokens_per_s,
                 result.cpu_us_per_token,
+                result.engine_cpu_us_per_token,
                 cpu / wall,
+                engine_cpu / wall,
                 client_cpu / wall,
             )
             if mode not in best or result.tokens_per_s > best[mode].tokens_per_s:
@@ -257,27 +281,35 @@ def run_level(
     return best
 
 
-def print_table(rows: list[dict[str, Result]]) -> None:
-    def cells(result: Result | None) -> tuple[str, str, str]:
+def print_table(rows: list[dict[str, Result]], engine_kind: str) -> None:
+    def cells(result: Result | None) -> tuple[str, str, str, str]:
         if result is None:
-            return "-", "-", "-"
+            return "-", "-", "-", "-"
         r = result
-        return f"{r.requests_per_s:.2f}", f"{r.tokens_per_s:.0f}", f"{r.cpu_us_per_token:.0f}"
+        return (
+            f"{r.requests_per_s:.2f}",
+            f"{r.tokens_per_s:.0f}",
+            f"{r.cpu_us_per_token:.0f}",
+            f"{r.engine_cpu_us_per_token:.0f}",
+        )
 
+    in_child = engine_kind == "process"
     print(
-        "| clients | requests | req/s HTTP | req/s engine | output tok/s HTTP "
-        "| output tok/s engine-direct | HTTP / engine | server CPU us/token HTTP / engine |"
+        "| engine | clients | requests | req/s HTTP | req/s engine | output tok/s HTTP "
+        "| output tok/s engine-direct | HTTP / engine | server CPU us/token HTTP / engine "
+        + ("| engine process CPU us/token HTTP / engine |" if in_child else "|")
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if in_child else ""))
     for row in rows:
         http, direct = row.get("http"), row.get("engine")
         some = http or direct
         assert some is not None
-        (h_req, h_tok, h_cpu), (e_req, e_tok, e_cpu) = cells(http), cells(direct)
+        (h_req, h_tok, h_cpu, h_eng), (e_req, e_tok, e_cpu, e_eng) = cells(http), cells(direct)
         ratio = f"{http.tokens_per_s / direct.tokens_per_s:.0%}" if http and direct else "-"
         print(
-            f"| {some.concurrency} | {some.requests} | {h_req} | {e_req} | {h_tok} | {e_tok} "
-            f"| {ratio} | {h_cpu} / {e_cpu} |"
+            f"| {engine_kind} | {some.concurrency} | {some.requests} | {h_req} | {e_req} "
+            f"| {h_tok} | {e_tok} | {ratio} | {h_cpu} / {e_cpu} |"
+            + (f" {h_eng} / {e_eng} |" if in_child else "")
         )
 
 
@@ -288,6 +320,12 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--engine",
+        choices=("process", "thread"),
+        default="process",
+        help="where the engine core runs, for both modes (default: its own process)",
+    )
     parser.add_argument("--clients", choices=("subprocess", "in-process"), default="subprocess")
     parser.add_argument("--http", choices=("auto", "h11", "httptools"), default="auto")
     parser.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto")
@@ -329,13 +367,14 @@ def main() -> None:
     import uvicorn
 
     print(
-        f"\nserver load, tiny random model ({MODEL_DIR}), float32 CPU, torch threads "
+        f"\nserver load, tiny random model ({MODEL_DIR}), engine in a {args.engine}, "
+        f"float32 CPU, torch threads "
         f"{args.threads}, prompt {args.prompt_len}, output {args.output_len}, greedy, "
         f"clients {args.clients}, uvicorn {uvicorn.__version__} http={args.http} "
         f"loop={args.loop}, best of {args.rounds} rounds, {multiprocessing.cpu_count()} cores, "
         f"{platform.processor() or platform.machine()}, {datetime.date.today()}\n"
     )
-    print_table(rows)
+    print_table(rows, args.engine)
     at_32 = next((r for r in rows if len(r) == 2 and r["http"].concurrency == 32), None)
     if at_32 is not None:
         ratio = at_32["http"].tokens_per_s / at_32["engine"].tokens_per_s
