@@ -21,8 +21,10 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
-# torch first, in its own layer: it is most of the image and changes least often.
-RUN pip install ${TORCH_INDEX_URL:+--extra-index-url=$TORCH_INDEX_URL} "$TORCH_SPEC"
+# torch and what it needs go in a directory of their own (put on the venv's path by a .pth file):
+# the image's largest layer, built first and the same from one version of the project to the next.
+RUN pip install --target=/opt/torch ${TORCH_INDEX_URL:+--extra-index-url=$TORCH_INDEX_URL} "$TORCH_SPEC" \
+    && python -c "import site; open(site.getsitepackages()[0] + '/torch.pth', 'w').write('/opt/torch\n')"
 WORKDIR /src
 COPY . .
 # Not editable: the packages and their package data are copied into the venv.
@@ -32,6 +34,7 @@ FROM ${BASE_IMAGE}
 RUN useradd --user-group --uid 10001 --create-home --home-dir /home/gpt-oss gpt-oss \
     && mkdir -p /models /var/lib/gpt-oss-server \
     && chown gpt-oss:gpt-oss /var/lib/gpt-oss-server
+COPY --from=builder /opt/torch /opt/torch
 COPY --from=builder /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
