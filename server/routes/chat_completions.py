@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -20,7 +21,7 @@ from sse_starlette.sse import EventSourceResponse
 from engine.engine import RequestError, RequestOutput
 from engine.sampler import SamplingParams
 from server.config import Settings
-from server.errors import InvalidRequestError
+from server.errors import InvalidRequestError, envelope
 from server.harmony_output import ChatDelta, ChatOutputMapper, ChatResult
 from server.metrics import ServerMetrics, metrics_of
 from server.protocol.chat import UNSUPPORTED, ChatCompletionRequest
@@ -38,6 +39,7 @@ from server.routes.tokenize import chat_prompt_ids
 from server.state import Services, ServicesDep
 from server.stop_strings import StopStringMatcher
 
+logger = logging.getLogger(__name__)
 router = APIRouter()
 
 
@@ -325,17 +327,20 @@ async def _stream(
             data["usage"] = None
         return json.dumps(data, ensure_ascii=False)
 
-    queue: asyncio.Queue[tuple[Choice, RequestOutput | None]] = asyncio.Queue()
+    queue: asyncio.Queue[tuple[Choice, RequestOutput | Exception | None]] = asyncio.Queue()
 
     async def pump(choice: Choice, stream: AsyncIterator[RequestOutput]) -> None:
+        ended: Exception | None = None
         try:
             async for output in stream:
                 await queue.put((choice, output))
                 if choice.stopped_by_string:
                     break
+        except Exception as exc:  # handed to the consumer, which reports it in-band
+            ended = exc
         finally:
             await stream.aclose()  # a disconnect or a stop string aborts the request at once
-            queue.put_nowait((choice, None))
+            queue.put_nowait((choice, ended))
 
     for choice in choices:
         yield chunk(choice.index, {"role": "assistant", "content": ""})
@@ -344,6 +349,13 @@ async def _stream(
         open_streams = len(choices)
         while open_streams:
             choice, output = await queue.get()
+            if isinstance(output, Exception):
+                # The stream has started: say so in-band, as OpenAI does, never as a clean stop.
+                logger.error("chat stream %s failed: %r", head["id"], output)
+                message = f"generation failed: {type(output).__name__}: {output}"
+                yield json.dumps(envelope(message, "server_error"))
+                include_usage = False
+                break
             if output is None:
                 open_streams -= 1
                 for delta in _finish(choice):
@@ -367,7 +379,7 @@ async def _stream(
                 "usage": _usage(prompt, choices),
             }
             yield json.dumps(usage)
-        yield "[DONE]"
     finally:
         for task in tasks:
             task.cancel()
+    yield "[DONE]"

@@ -150,6 +150,35 @@ def test_a_killed_engine_process_fails_streams_and_the_server_answers_503(
     assert httpx.get(live.base_url + "/v1/models").status_code == 200
 
 
+def test_a_killed_engine_process_ends_a_chat_stream_with_an_error_not_a_stop(
+    make_server: Callable[..., LiveServer],
+) -> None:
+    live = make_server(engine_process=True)
+    pid = engine_pid(live)
+    no_stop = {str(live.services.encoding.token(n)): -100 for n in ("<|return|>", "<|call|>")}
+    body = {
+        "model": MODEL_NAME,
+        "messages": USER,
+        "max_tokens": 3000,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "logit_bias": no_stop,
+    }
+    with httpx.stream("POST", live.base_url + "/v1/chat/completions", json=body) as response:
+        assert response.status_code == 200
+        lines = (line for line in response.iter_lines() if line)
+        assert next(lines).startswith("data: {")
+        os.kill(pid, signal.SIGKILL)
+        rest = list(lines)
+    events = [json.loads(line[6:]) for line in rest if line != "data: [DONE]"]
+    errors = [e for e in events if "error" in e]
+    assert errors and "EngineDeadError" in errors[0]["error"]["message"]
+    finishes = [c["finish_reason"] for e in events for c in e.get("choices", [])]
+    assert "stop" not in finishes
+    assert not any(e.get("usage") for e in events)
+    assert rest[-1] == "data: [DONE]"
+
+
 def test_a_clean_shutdown_leaves_no_engine_process(
     make_server: Callable[..., LiveServer],
 ) -> None:
