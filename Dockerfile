@@ -1,9 +1,11 @@
 # gpt-oss-server, CPU image (the default). GPU: docker/Dockerfile.cuda.
 #
 #   docker build -t gpt-oss-server .
-#   docker run --rm -p 8000:8000 -v /path/to/gpt-oss-20b:/models:ro \
-#     -e GPT_OSS_SERVED_MODEL_NAME=gpt-oss-20b gpt-oss-server
+#   docker run --rm -p 8000:8000 -v /path/to/gpt-oss-20b:/models/gpt-oss-20b:ro \
+#     -e GPT_OSS_MODEL=/models/gpt-oss-20b gpt-oss-server
 #
+# Checkpoints go under /models (the model id clients use is the directory's name, or
+# GPT_OSS_SERVED_MODEL_NAME); with no GPT_OSS_MODEL the server serves its bundled demo model.
 # Every `gpt-oss-server serve --flag` is also the environment variable GPT_OSS_FLAG (see
 # `docker run --rm gpt-oss-server --help`); arguments after the image name are serve flags.
 #
@@ -41,10 +43,9 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     GPT_OSS_HOST=0.0.0.0 \
     GPT_OSS_PORT=8000 \
-    GPT_OSS_MODEL=/models \
     GPT_OSS_DEVICE=cpu \
     GPT_OSS_STATE_DIR=/var/lib/gpt-oss-server
-# /models: the checkpoint (either layout), mounted read-only is fine. The state directory holds
+# /models: checkpoints (either layout), mounted read-only is fine. The state directory holds
 # stored responses (/v1/responses): mount a volume there to keep them across containers.
 VOLUME ["/models", "/var/lib/gpt-oss-server"]
 USER 10001:10001

@@ -34,5 +34,7 @@ def test_open_webui_waits_for_a_healthy_server_and_shares_its_key(services: dict
     assert webui["environment"]["OPENAI_API_KEY"] == key
 
 
-def test_the_models_are_a_volume_at_slash_models(services: dict) -> None:
-    assert any(v.endswith(":/models:ro") for v in services["server"]["volumes"])
+def test_the_model_is_a_volume_under_slash_models(services: dict) -> None:
+    model = services["server"]["environment"]["GPT_OSS_MODEL"]
+    assert model.startswith("/models/")
+    assert any(v.endswith(f":{model}:ro") for v in services["server"]["volumes"])

@@ -170,7 +170,8 @@ def container(podman: Podman, image: str, model_dir: Path) -> Iterator[tuple[str
         "--detach",
         f"--name={name}",
         "--network=host",  # the test reaches it on loopback
-        f"--volume={model_dir}:/models:ro",
+        f"--volume={model_dir}:/models/tiny-gpt-oss:ro",
+        "--env=GPT_OSS_MODEL=/models/tiny-gpt-oss",
         f"--env=GPT_OSS_PORT={port}",  # configured through the environment, like the flags
         "--env=GPT_OSS_API_KEY=test-key",
         image,
