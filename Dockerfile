@@ -52,8 +52,10 @@ USER 10001:10001
 WORKDIR /home/gpt-oss
 EXPOSE 8000
 # The server is PID 1 (exec form) and handles SIGTERM itself: it stops accepting connections,
-# lets in-flight requests finish (streams are closed cleanly), and exits 0. It waits up to 30 s
-# for requests: give `docker stop` that long (`--stop-timeout 40`, compose `stop_grace_period`).
+# gives in-flight requests 5 s to finish, ends the streams still open after their last whole
+# event, and exits 0: inside Docker's default 10 s stop timeout. A non-streaming request may run
+# on up to 30 s; to let it, give `docker stop` more (`--stop-timeout 40`, compose
+# `stop_grace_period`).
 STOPSIGNAL SIGTERM
 # 503 while the model loads, 200 once it serves. Slim images have no curl: Python asks.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=300s --retries=3 \
