@@ -47,20 +47,32 @@ KINDS = {"arith": 120, "tool_call": 100, "refusal": 30}
 REFUSAL_WORDS = ("can't", "cannot", "sorry", "unfortunately", "no tool")
 
 
-def held_out(model_dir: Path, seed: int) -> list[Example]:
-    """Eval examples by kind, none asking a user question that training saw."""
+def held_out(model_dir: Path, seed: int) -> tuple[list[Example], float]:
+    """Eval examples by kind, no request identical to a training one (messages, tools, effort,
+    date); also the share whose user question alone occurs in training (the small spaces of
+    cities and items make that common for tool questions: the model must still copy the right
+    values and read the rest of the prompt)."""
     meta = json.loads((model_dir / "training.json").read_text())
-    seen = {_question(e) for e in generate(meta["examples"], meta["train_data_seed"])}
+    training = generate(meta["examples"], meta["train_data_seed"])
+    seen = {_request_key(e) for e in training}
+    seen_questions = {_question(e) for e in training}
     rng = random.Random(seed)
     out: list[Example] = []
     for kind, n in KINDS.items():
         picked = 0
         while picked < n:
             example = generate_example(rng, kind)
-            if _question(example) not in seen:
+            if _request_key(example) not in seen:
                 out.append(example)
                 picked += 1
-    return out
+    overlap = sum(_question(e) in seen_questions for e in out) / len(out)
+    return out, overlap
+
+
+def _request_key(example: Example) -> str:
+    return json.dumps(
+        [example.messages, example.tools, example.reasoning_effort, example.today.isoformat()]
+    )
 
 
 def _question(example: Example) -> str:
@@ -118,7 +130,9 @@ class Evaluator:
     async def well_formed(self, example: Example) -> None:
         """The raw completion of the prompt the server renders parses in strict mode."""
         prompt = self.renderer.render_for_completion(to_harmony(example))
-        body = {"model": "demo", "prompt": prompt, "temperature": 0, "max_tokens": self.max_tokens}
+        # No stop tokens (a raw completion hides the one it stops on): the output must contain one.
+        # The longest training completion is ~110 tokens.
+        body = {"model": "demo", "prompt": prompt, "temperature": 0, "max_tokens": 150}
         response = await self.client.post("/v1/completions", json=body)
         response.raise_for_status()
         tokens = self.encoding.encode_with_special_tokens(response.json()["choices"][0]["text"])
@@ -166,7 +180,7 @@ class Evaluator:
         if not right:
             self.record("tool result used in the answer", False, "no valid call to answer from")
             return
-        result = tool_result(name, arguments, random.Random(len(self.counts["facts"])))
+        result = tool_result(name, arguments, random.Random(_question(example)))
         back = {k: v for k, v in message.items() if k in ("role", "content", "tool_calls")}
         back["reasoning"] = message.get("reasoning")
         tool_message = {"role": "tool", "tool_call_id": calls[0]["id"],
@@ -179,7 +193,6 @@ class Evaluator:
         if name == "get_weather":
             facts.append(result["condition"])
         ok = not final.get("tool_calls") and all(f in content for f in facts)
-        self.counts["facts"].append(ok)
         self.record("tool result used in the answer", ok, f"{result} -> {content!r}")
 
 
@@ -230,7 +243,6 @@ async def evaluate(
     figures: dict[str, Any] = {
         name: {"ok": sum(v), "n": len(v), "rate": round(sum(v) / len(v), 4)}
         for name, v in evaluator.counts.items()
-        if name != "facts"
     }
     figures["analysis_chars_by_effort"] = {
         effort: round(statistics.mean(v), 1)
@@ -249,7 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    examples = held_out(args.model, args.seed)
+    examples, overlap = held_out(args.model, args.seed)
+    log.info("%d held-out requests; %.0f%% of their user questions occur in training",
+             len(examples), 100 * overlap)  # fmt: skip
     if args.limit:
         random.Random(0).shuffle(examples)
         examples = examples[: args.limit]

@@ -82,11 +82,11 @@ def make_batches(
     return batches
 
 
-def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
+def lr_at(step: int, progress: float, peak: float, warmup: int) -> float:
+    """Linear warm-up over `warmup` steps, then cosine from `peak` to a tenth of it."""
     if step < warmup:
         return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 def train(args: argparse.Namespace) -> dict:
@@ -122,19 +122,23 @@ def train(args: argparse.Namespace) -> dict:
         [{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}],
         lr=args.lr, betas=(0.9, 0.95),
     )  # fmt: skip
-    qat_from = int(args.steps * (1 - args.qat_fraction))
     loss_avg = None
     t_train = time.perf_counter()
-    for step in range(args.steps):
+    budget_s = args.time_budget_min * 60
+    step = 0
+    progress = 0.0
+    # Progress is the larger of steps done and time spent: on a machine that keeps up the run is
+    # the same step for step; on a slower (or shared) one it ends in time, still annealed.
+    while progress < 1.0:
         ids, targets = batches[step % len(batches)]
         if step % len(batches) == len(batches) - 1:
             rng.shuffle(batches)
         positions = torch.arange(ids.shape[1]).expand(ids.shape[0], -1)
         # Padding sits after each conversation, so causality alone keeps it out of sight.
         docs = torch.zeros_like(ids)
-        model.quantize_experts = step >= qat_from
+        model.quantize_experts = progress >= 1 - args.qat_fraction
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+            group["lr"] = lr_at(step, progress, args.lr, args.warmup)
         hidden = model(ids, positions, docs)
         keep = targets != -100
         # The unembedding only where there is a target: most tokens are prompt.
@@ -144,12 +148,14 @@ def train(args: argparse.Namespace) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         loss_avg = loss.item() if loss_avg is None else 0.95 * loss_avg + 0.05 * loss.item()
-        if step % args.log_every == 0 or step == args.steps - 1:
+        step += 1
+        progress = max(step / args.steps, (time.perf_counter() - t_train) / budget_s)
+        if step % args.log_every == 0 or progress >= 1.0:
             elapsed = time.perf_counter() - t_train
             log.info(
                 "step %d/%d loss %.4f (avg %.4f) lr %.2e %s%.1f steps/s, %.0fs",
                 step, args.steps, loss.item(), loss_avg, optimizer.param_groups[0]["lr"],
-                "QAT " if model.quantize_experts else "", (step + 1) / elapsed, elapsed,
+                "QAT " if model.quantize_experts else "", step / elapsed, elapsed,
             )  # fmt: skip
     train_s = time.perf_counter() - t_train
     out = Path(args.out)
@@ -163,9 +169,10 @@ def train(args: argparse.Namespace) -> dict:
         "examples": args.examples,
         "tokens": n_tokens,
         "parameters": n_params,
-        "steps": args.steps,
+        "steps": step,
+        "planned_steps": args.steps,
+        "threads": args.threads,
         "batch_tokens": args.batch_tokens,
-        "qat_steps": args.steps - qat_from,
         "final_loss_avg": round(loss_avg or 0.0, 4),
         "train_seconds": round(train_s, 1),
         "total_seconds": round(time.perf_counter() - started, 1),
@@ -178,9 +185,15 @@ def train(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m demo.train", description=__doc__)
     parser.add_argument("--out", type=Path, default=CHECKPOINT_DIR)
-    parser.add_argument("--examples", type=int, default=20000)
-    parser.add_argument("--steps", type=int, default=750)
-    parser.add_argument("--batch-tokens", type=int, default=4096, help="tokens per step, padded")
+    parser.add_argument("--examples", type=int, default=30000)
+    parser.add_argument("--steps", type=int, default=2400)
+    parser.add_argument(
+        "--time-budget-min",
+        type=float,
+        default=25.0,
+        help="end (annealed) after this long even if the steps are not all done",
+    )
+    parser.add_argument("--batch-tokens", type=int, default=2048, help="tokens per step, padded")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--lr", type=float, default=3e-3)
@@ -193,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="torch threads: on a shared 2-core machine a second thread collapses under contention",
     )
-    parser.add_argument("--log-every", type=int, default=50)
+    parser.add_argument("--log-every", type=int, default=100)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     train(args)
