@@ -231,3 +231,30 @@ def test_the_container_serves_and_stops_cleanly(
     assert exit_code == "0", f"exit code {exit_code} after {stop_took[0]:.1f} s:\n{logs[-3000:]}"
     assert stop_took[0] < STOP_TIMEOUT_S
     assert "Traceback" not in logs, logs[-3000:]
+
+
+def test_the_image_serves_the_bundled_demo_with_no_arguments(podman: Podman, image: str) -> None:
+    """`docker run IMAGE` as the README gives it: no model mounted, no variables."""
+    port = free_port()
+    name = f"gpt-oss-server-demo-{os.getpid()}-{port}"
+    podman(
+        "run",
+        "--detach",
+        f"--name={name}",
+        "--network=host",
+        f"--env=GPT_OSS_PORT={port}",  # the only change: the test's free port
+        image,
+    )
+    try:
+        base_url = f"http://127.0.0.1:{port}"
+
+        def running() -> bool:
+            return podman("inspect", "--format={{.State.Running}}", name) == "true"
+
+        wait_healthy(base_url, running, timeout=180)
+        completion = chat_once(base_url)
+        assert completion["model"] == "gpt-oss-demo"
+        assert "bundled demo model" in podman.logs(name)
+    finally:
+        (podman.log_dir / f"{name}.log").write_text(podman.logs(name))
+        podman("rm", "--force", "--time=0", name, check=False)
