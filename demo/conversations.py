@@ -228,11 +228,15 @@ def _arith_problem(rng: random.Random) -> tuple[str, str, int, str]:
 
 def _arith(rng: random.Random, effort: str) -> tuple[str, list[Message], dict[str, Any]]:
     question, expr, answer, work = _arith_problem(rng)
+    # Every effort writes the working out (column by column, a table fact, or zeros to add or
+    # drop): a few million parameters learn single-digit facts and copying, not 2-digit sums at
+    # a glance. The effort adds framing around it, so the analysis still grows with the effort.
     if effort == "low":
-        analysis = f"{expr} = {answer}."
+        analysis = f"{work} {expr} = {answer}."
     elif effort == "medium":
         analysis = (
-            _pick(rng, "The user wants ", "Need ", "We need ") + f"{expr}. {expr} = {answer}."
+            _pick(rng, "The user wants ", "Need ", "We need ")
+            + f"{expr}. {work} So {expr} = {answer}."
         )
     else:
         analysis = (

@@ -36,7 +36,7 @@ BPE_EXAMPLES = 4000
 BPE_MAX_RANKS = 4000
 
 
-def demo_config(vocab_size: int, hidden: int = 256, layers: int = 4) -> ModelConfig:
+def demo_config(vocab_size: int, hidden: int = 192, layers: int = 4) -> ModelConfig:
     """gpt-oss at toy size: the real head dim, GQA, sinks, sliding window 128 and YaRN."""
     return ModelConfig(
         num_layers=layers, num_experts=8, experts_per_token=2, vocab_size=vocab_size,
@@ -186,15 +186,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m demo.train", description=__doc__)
     parser.add_argument("--out", type=Path, default=CHECKPOINT_DIR)
     parser.add_argument("--examples", type=int, default=30000)
-    parser.add_argument("--steps", type=int, default=2400)
+    parser.add_argument("--steps", type=int, default=5000)
     parser.add_argument(
         "--time-budget-min",
         type=float,
-        default=25.0,
+        default=24.0,
         help="end (annealed) after this long even if the steps are not all done",
     )
     parser.add_argument("--batch-tokens", type=int, default=2048, help="tokens per step, padded")
-    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--hidden", type=int, default=192)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--warmup", type=int, default=50)
@@ -203,8 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--threads",
         type=int,
-        default=1,
-        help="torch threads: on a shared 2-core machine a second thread collapses under contention",
+        default=2,
+        help="torch threads (on a 2-core machine shared with other work, 1 is faster)",
     )
     parser.add_argument("--log-every", type=int, default=100)
     args = parser.parse_args(argv)

@@ -141,7 +141,11 @@ def test_refusal_says_it_cannot(answers: dict[str, list[Message]]) -> None:
 
 
 def test_reasoning_effort_changes_the_analysis(model: GptOss, encoding: HarmonyEncoding) -> None:
+    # Over a few questions: one answer's analysis can be short at any effort, their sum not.
     efforts = ("low", "medium", "high")
-    requests = [{"messages": user("Compute 46 - 19."), "effort": e} for e in efforts]
+    questions = ("Compute 46 - 19.", "What is 23 + 45?", "What is 7 times 8?", "Add 12 and 30.")
+    requests = [{"messages": user(q), "effort": e} for e in efforts for q in questions]
     lengths = [len(m[0].content[0].text) for m in complete(model, encoding, requests)]
-    assert lengths[0] < lengths[1] < lengths[2]
+    n = len(questions)
+    totals = [sum(lengths[i * n : (i + 1) * n]) for i in range(len(efforts))]
+    assert totals[0] < totals[1] < totals[2], totals
