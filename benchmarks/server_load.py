@@ -362,6 +362,7 @@ def main() -> None:
         rows = [run_level(args, c, url, engine, pool) for c in args.concurrency]
     finally:
         server.should_exit = True
+        engine.shutdown()  # now, not at interpreter exit (where the child would just vanish)
         if pool is not None:
             pool.shutdown()
     import uvicorn
