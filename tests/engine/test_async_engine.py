@@ -18,7 +18,7 @@ import asyncio
 import itertools
 import random
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -28,6 +28,7 @@ from engine.engine import EngineConfig, LLMEngine, RequestError, RequestOutput
 from engine.model.gpt_oss import GptOss
 from engine.request import FinishReason
 from engine.sampler import SamplingParams
+from tests.engine.streams import collect, eventually, sync_tokens, tokens_of
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -55,34 +56,6 @@ def make_engine(tiny_model: GptOss) -> Iterator[Callable[..., AsyncEngine]]:
     yield make
     for engine in made:
         engine.shutdown()
-
-
-def sync_tokens(model: GptOss, prompt: list[int], params: SamplingParams) -> list[int]:
-    """What the synchronous engine produces for this request alone."""
-    engine = LLMEngine(model, EngineConfig())
-    engine.add_request("x", prompt, params)
-    tokens: list[int] = []
-    while engine.has_work:
-        for out in engine.step():
-            tokens.extend(out.new_token_ids)
-    return tokens
-
-
-async def collect(stream: AsyncIterator[RequestOutput]) -> list[RequestOutput]:
-    return [out async for out in stream]
-
-
-def tokens_of(outputs: list[RequestOutput]) -> list[int]:
-    return [t for out in outputs for t in out.new_token_ids]
-
-
-async def eventually(condition: Callable[[], bool], what: str, polls: int = 3000) -> None:
-    """Poll `condition` between short sleeps; fail (not hang) if it never holds."""
-    for _ in range(polls):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"never happened: {what}")
 
 
 def all_blocks_free(engine: AsyncEngine) -> bool:

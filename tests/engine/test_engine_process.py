@@ -19,18 +19,19 @@ import asyncio
 import os
 import random
 import signal
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
 from engine.async_engine import EngineDeadError
-from engine.engine import EngineConfig, LLMEngine, RequestError, RequestOutput
+from engine.engine import EngineConfig, RequestError, RequestOutput
 from engine.engine_process import EngineSpec, ProcessEngine
 from engine.model.gpt_oss import GptOss
 from engine.request import FinishReason
 from engine.sampler import SamplingParams
+from tests.engine.streams import collect, eventually, sync_tokens, tokens_of
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -69,33 +70,6 @@ def make_engine(tiny_checkpoint: Path) -> Iterator[Callable[..., ProcessEngine]]
     yield make
     for engine in made:
         engine.shutdown()
-
-
-def sync_tokens(model: GptOss, prompt: list[int], params: SamplingParams) -> list[int]:
-    """What the synchronous engine in this process produces for this request alone."""
-    engine = LLMEngine(model, EngineConfig())
-    engine.add_request("x", prompt, params)
-    tokens: list[int] = []
-    while engine.has_work:
-        for out in engine.step():
-            tokens.extend(out.new_token_ids)
-    return tokens
-
-
-async def collect(stream: AsyncIterator[RequestOutput]) -> list[RequestOutput]:
-    return [out async for out in stream]
-
-
-def tokens_of(outputs: list[RequestOutput]) -> list[int]:
-    return [t for out in outputs for t in out.new_token_ids]
-
-
-async def eventually(condition: Callable[[], bool], what: str, polls: int = 3000) -> None:
-    for _ in range(polls):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"never happened: {what}")
 
 
 def all_blocks_free(engine: ProcessEngine) -> bool:
