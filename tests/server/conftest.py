@@ -8,6 +8,7 @@ engine in its own process with `engine_process=True`; by default it runs in a th
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
@@ -30,6 +31,29 @@ from server.services import load_services
 from tests.harmony.synthetic_vocab import synthetic_encoding
 
 MODEL_NAME = "tiny-gpt-oss"
+
+
+def concurrent_chat_streams(base_url: str, n: int) -> list[list[str]]:
+    """`n` streaming chat completions at once through the openai SDK; each one's finish reasons."""
+    from openai import AsyncOpenAI
+
+    async def one(client: AsyncOpenAI, i: int) -> list[str]:
+        stream = await client.chat.completions.create(
+            model=MODEL_NAME,
+            messages=[{"role": "user", "content": f"client {i}"}],
+            max_tokens=8,
+            stream=True,
+        )
+        return [c.choices[0].finish_reason async for c in stream if c.choices[0].finish_reason]
+
+    async def main() -> list[list[str]]:
+        client = AsyncOpenAI(base_url=base_url + "/v1", api_key="x", max_retries=0, timeout=120)
+        try:
+            return await asyncio.gather(*(one(client, i) for i in range(n)))
+        finally:
+            await client.close()
+
+    return asyncio.run(main())
 
 
 @dataclass

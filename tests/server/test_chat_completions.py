@@ -16,16 +16,15 @@ follows is final content (greedy: `<|message|>` again and again, shown as text).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import uuid
 
 import httpx
 import pytest
-from openai import AsyncOpenAI, OpenAI
+from openai import OpenAI
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from tests.server.conftest import MODEL_NAME, LiveServer
+from tests.server.conftest import MODEL_NAME, LiveServer, concurrent_chat_streams
 
 FINISH_REASONS = {"stop", "length", "tool_calls"}
 USER = [{"role": "user", "content": "Say something."}]
@@ -588,25 +587,7 @@ def test_second_turn_with_reasoning_and_tool_result(live_server: LiveServer) -> 
 
 
 def test_fifty_concurrent_streams_finish_and_free_the_kv_cache(live_server: LiveServer) -> None:
-    async def one(client: AsyncOpenAI, i: int) -> list[str]:
-        stream = await client.chat.completions.create(
-            model=MODEL_NAME,
-            messages=[{"role": "user", "content": f"client {i}"}],
-            max_tokens=8,
-            stream=True,
-        )
-        return [c.choices[0].finish_reason async for c in stream if c.choices[0].finish_reason]
-
-    async def main() -> list[list[str]]:
-        client = AsyncOpenAI(
-            base_url=live_server.base_url + "/v1", api_key="x", max_retries=0, timeout=120
-        )
-        try:
-            return await asyncio.gather(*(one(client, i) for i in range(50)))
-        finally:
-            await client.close()
-
-    results = asyncio.run(main())
+    results = concurrent_chat_streams(live_server.base_url, 50)
     assert len(results) == 50
     assert all(len(finishes) == 1 and finishes[0] in FINISH_REASONS for finishes in results)
     assert live_server.wait_until(live_server.kv_pools_all_free)

@@ -13,7 +13,6 @@ these two servers start a child each (seconds: it imports torch and loads the mo
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -21,10 +20,10 @@ from collections.abc import Callable
 
 import httpx
 import pytest
-from openai import AsyncOpenAI, OpenAI
+from openai import OpenAI
 
 from engine.engine_process import ProcessEngine
-from tests.server.conftest import MODEL_NAME, LiveServer
+from tests.server.conftest import MODEL_NAME, LiveServer, concurrent_chat_streams
 
 USER = [{"role": "user", "content": "Say something."}]
 
@@ -79,25 +78,8 @@ def test_chat_completions_streaming_and_not_through_the_sdk(process_server: Live
 
 
 def test_20_concurrent_streams_complete(process_server: LiveServer) -> None:
-    async def one(client: AsyncOpenAI, i: int) -> list[str]:
-        stream = await client.chat.completions.create(
-            model=MODEL_NAME,
-            messages=[{"role": "user", "content": f"client {i}"}],
-            max_tokens=8,
-            stream=True,
-        )
-        return [c.choices[0].finish_reason async for c in stream if c.choices[0].finish_reason]
-
-    async def main() -> list[list[str]]:
-        client = AsyncOpenAI(
-            base_url=process_server.base_url + "/v1", api_key="x", max_retries=0, timeout=120
-        )
-        try:
-            return await asyncio.gather(*(one(client, i) for i in range(20)))
-        finally:
-            await client.close()
-
-    results = asyncio.run(main())
+    results = concurrent_chat_streams(process_server.base_url, 20)
+    assert len(results) == 20
     assert all(len(f) == 1 and f[0] in ("stop", "length") for f in results)
     assert process_server.wait_until(process_server.kv_pools_all_free)
 
