@@ -154,6 +154,16 @@ class HarmonyEncoding:
     def n_vocab(self) -> int:
         return self._encoding.n_vocab
 
+    @property
+    def mergeable_ranks(self) -> Mapping[bytes, int]:
+        """The ordinary tokens: bytes -> id (a grammar library builds its tokenizer from these)."""
+        return self._encoding._mergeable_ranks
+
+    @property
+    def pattern(self) -> str:
+        """The pre-tokenization regex."""
+        return self._encoding._pat_str
+
     def encode(self, text: str) -> list[int]:
         """Encode text as ordinary text: special-token strings become plain tokens."""
         return self._encoding.encode_ordinary(text)
@@ -191,7 +201,7 @@ class HarmonyEncoding:
         """Bytes of every token id (special tokens: their names); None where an id has no token."""
         if self._token_bytes is None:
             table: list[bytes | None] = [None] * self.n_vocab
-            for token_bytes, rank in self._encoding._mergeable_ranks.items():
+            for token_bytes, rank in self.mergeable_ranks.items():
                 table[rank] = token_bytes
             for name, token_id in self.special_tokens.items():
                 table[token_id] = name.encode()
