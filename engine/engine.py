@@ -5,6 +5,10 @@ or a thread (`async_engine.py`).
 
 A failure stays with the request it belongs to: a request's own logits processor raising fails that
 request only; a failed model step fails the requests of that step, and the engine goes on.
+
+Constrained requests (`SamplingParams.grammar`) need the engine built with a `GrammarVocabulary`;
+their matchers live in `GrammarConstraints` (engine/constraints.py) from add to finish: a grammar
+that does not compile refuses the request, a complete grammar ends it ('stop').
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.config import FULL, SLIDING
+from engine.constraints import GrammarConstraints, GrammarError, GrammarVocabulary
 from engine.host_memory import release_large_frees_to_os
 from engine.kv_cache import KVCacheManager
 from engine.model.gpt_oss import GptOss
@@ -96,6 +101,7 @@ class RequestValidator:
 
     vocab_size: int
     max_request_tokens: int  # prompt + output tokens one request may reach
+    grammars: bool = False  # whether the engine can run grammars (it has their vocabulary)
 
     def check(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise RequestError unless the engine can run this request to completion."""
@@ -119,6 +125,10 @@ class RequestValidator:
             params.check_vocab(vocab)
         except ValueError as exc:
             raise RequestError(str(exc)) from exc
+        if params.grammar is not None and not self.grammars:
+            raise RequestError(
+                "this engine was started without a grammar vocabulary: it cannot run grammars"
+            )
 
 
 def sliding_pool_blocks(config: EngineConfig, window: int) -> int:
@@ -130,7 +140,12 @@ def sliding_pool_blocks(config: EngineConfig, window: int) -> int:
 
 
 class LLMEngine:
-    def __init__(self, model: GptOss, config: EngineConfig) -> None:
+    def __init__(
+        self,
+        model: GptOss,
+        config: EngineConfig,
+        grammar_vocabulary: GrammarVocabulary | None = None,
+    ) -> None:
         self.model = model
         self.config = config
         if model.device.type == "cpu":
@@ -151,14 +166,21 @@ class LLMEngine:
         self.max_request_tokens = min(
             config.max_model_len, (num_blocks.get(FULL, 2) - 1) * config.block_size
         )
-        self.validator = RequestValidator(mc.vocab_size, self.max_request_tokens)
+        self.constraints = (
+            None
+            if grammar_vocabulary is None
+            else GrammarConstraints(grammar_vocabulary, mc.vocab_size)
+        )
+        self.validator = RequestValidator(
+            mc.vocab_size, self.max_request_tokens, grammars=self.constraints is not None
+        )
         self.scheduler = Scheduler(
             SchedulerConfig(
                 config.max_num_seqs, config.max_num_batched_tokens, self.max_request_tokens
             ),
             self.kv,
         )
-        self.runner = ModelRunner(model, self.cache, Sampler(config.seed))
+        self.runner = ModelRunner(model, self.cache, Sampler(config.seed), self.constraints)
         self.requests: dict[str, Request] = {}
         self._failed: dict[str, str] = {}  # request id -> error raised by its own processors
         self._generated: deque[tuple[float, int]] = deque()
@@ -169,6 +191,12 @@ class LLMEngine:
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
     ) -> Request:
         self.validate(request_id, prompt_token_ids, params)
+        if params.grammar is not None:
+            assert self.constraints is not None  # validate() refuses grammars otherwise
+            try:
+                self.constraints.add(request_id, params.grammar)
+            except GrammarError as exc:
+                raise RequestError(str(exc)) from exc
         params = self._isolate_processors(request_id, params)
         request = Request(request_id, list(prompt_token_ids), params, arrival=time.monotonic())
         self.requests[request_id] = request
@@ -208,7 +236,7 @@ class LLMEngine:
         )
 
     def abort(self, request_id: str) -> RequestOutput | None:
-        request = self.requests.pop(request_id, None)
+        request = self._forget(request_id)
         if request is None or request.is_finished:
             return None
         self.scheduler.finish(request, FinishReason.ABORT)
@@ -247,12 +275,21 @@ class LLMEngine:
                     item.request, FinishReason.ERROR, f"model step failed: {exc!r}"
                 )
                 outputs.append(self._output(item.request, ()))
-                self.requests.pop(item.request.request_id, None)
+                self._forget(item.request.request_id)
             return outputs
         # A request whose own logits processor failed gets no token from this step: it ends.
         failed = {rid: self._failed.pop(rid) for rid in list(self._failed) if rid in result.sampled}
         sampled = {rid: t for rid, t in result.sampled.items() if rid not in failed}
+        complete: list[str] = []
+        if self.constraints is not None and self.constraints.active:
+            # So does one whose grammar rejects its token (the mask makes that a bug).
+            broken, complete = self.constraints.advance(sampled)
+            failed.update(broken)
+            for rid in broken:
+                del sampled[rid]
         self.scheduler.update(batch, sampled)
+        for rid in complete:  # the grammar allows nothing more: the output is whole
+            self.scheduler.finish(self.requests[rid], FinishReason.STOP)
         self._generated.append((time.monotonic(), len(sampled)))
         self._generated_total += len(sampled)
         outputs = []
@@ -268,8 +305,13 @@ class LLMEngine:
                     self._output(request, token, None if logprobs is None else (logprobs,))
                 )
             if request.is_finished:
-                self.requests.pop(request.request_id, None)
+                self._forget(request.request_id)
         return outputs
+
+    def _forget(self, request_id: str) -> Request | None:
+        if self.constraints is not None:
+            self.constraints.remove(request_id)
+        return self.requests.pop(request_id, None)
 
     def _output(
         self,

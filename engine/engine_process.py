@@ -44,6 +44,7 @@ import torch
 
 from engine.async_engine import AsyncEngineBase, Command, EngineDeadError, _Abort, _Add
 from engine.config import DTYPES
+from engine.constraints import GrammarVocabulary
 from engine.engine import (
     EngineConfig,
     EngineStats,
@@ -72,6 +73,8 @@ class EngineSpec:
     config: EngineConfig = field(default_factory=EngineConfig)
     torch_threads: int | None = None  # intra-op threads in the child; None: torch's default
     log_level: int = logging.INFO
+    # The vocabulary grammars run over (constrained decoding); None: requests with one are refused.
+    grammar_vocabulary: GrammarVocabulary | None = None
 
 
 # --- messages ----------------------------------------------------------------------------------------
@@ -335,7 +338,7 @@ def _build(spec: EngineSpec, conn: Connection) -> LLMEngine:
     config = dataclasses.replace(
         spec.config, max_model_len=min(spec.config.max_model_len, positions)
     )
-    engine = LLMEngine(model, config)
+    engine = LLMEngine(model, config, spec.grammar_vocabulary)
     started = time.perf_counter()
     engine.warm_up()
     logger.info("warm-up step done in %.1f s", time.perf_counter() - started)

@@ -1,7 +1,8 @@
 """The model runner: a scheduled batch -> tensors -> model -> sampler -> one token per sampling request.
 
 The host builds the flat batch once per step and reads back only the sampled ids (one transfer per
-step, not per token).
+step, not per token). When constrained requests sample this step, their grammar masks are filled
+in a worker thread while the forward runs, and joined just before sampling.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.constraints import GrammarConstraints, MaskJob
 from engine.kv_cache import KVCacheManager
 from engine.model.forward_batch import PagedKVCache, SequenceChunk, build_forward_batch
 from engine.model.gpt_oss import GptOss
@@ -32,10 +34,17 @@ class StepResult:
 
 
 class ModelRunner:
-    def __init__(self, model: GptOss, cache: PagedKVCache, sampler: Sampler) -> None:
+    def __init__(
+        self,
+        model: GptOss,
+        cache: PagedKVCache,
+        sampler: Sampler,
+        constraints: GrammarConstraints | None = None,
+    ) -> None:
         self.model = model
         self.cache = cache
         self.sampler = sampler
+        self.constraints = constraints
 
     def execute(self, batch: ScheduledBatch, kv: KVCacheManager) -> StepResult:
         chunks = []
@@ -44,15 +53,24 @@ class ModelRunner:
             start = request.num_computed
             tokens = request.all_token_ids[start : start + item.num_new]
             chunks.append(SequenceChunk(tokens, start, kv.block_tables(request.request_id)))
-        forward = build_forward_batch(chunks, self.cache.block_size, self.model.device)
-        hidden = self.model.forward(forward, self.cache)
         rows = [i for i, item in enumerate(batch.requests) if item.samples]
-        if not rows:
-            return StepResult({}, {})
         sampling = [batch.requests[i].request for i in rows]
-        last_tokens = forward.logits_indices[torch.tensor(rows, device=hidden.device)]
-        logits = self.model.compute_logits(hidden[last_tokens])
-        out = self.sampler.sample(logits, [r.sampling for r in sampling])
+        masks: MaskJob | None = None
+        if self.constraints is not None and self.constraints.active and rows:
+            masks = self.constraints.start_masks([r.request_id for r in sampling])
+        try:
+            forward = build_forward_batch(chunks, self.cache.block_size, self.model.device)
+            hidden = self.model.forward(forward, self.cache)
+            if not rows:
+                return StepResult({}, {})
+            last_tokens = forward.logits_indices[torch.tensor(rows, device=hidden.device)]
+            logits = self.model.compute_logits(hidden[last_tokens])
+        except BaseException:
+            if masks is not None:
+                masks.join()  # the worker lets go of the matchers before anything else runs
+            raise
+        mask = masks.wait(logits.device) if masks is not None else None
+        out = self.sampler.sample(logits, [r.sampling for r in sampling], mask)
         token_ids = out.token_ids.tolist()  # the step's one device-to-host transfer
         sampled = {r.request_id: t for r, t in zip(sampling, token_ids, strict=True)}
         logprobs: dict[str, TokenLogprobs] = {}

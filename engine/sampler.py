@@ -11,6 +11,8 @@ batch. Order of operations, per step (each stage is skipped when no row in the b
   2. logits_processors, per row, in the order given: they see the model's logits (a grammar decides
      on the model's view) and a -inf they write survives every stage after. A row they leave
      with no finite logit (or that min_tokens empties) has no defined sample: theirs to avoid.
+     Then the grammar mask (`TokenMask`, computed for the batch by engine/constraints.py): its
+     banned tokens -> -inf, in the constrained rows only, in one op.
   3. penalties, as vLLM: repetition (prompt + output ids: positive logits / r, negative * r), then
      frequency and presence (output ids only: logit -= frequency * count + presence * (count > 0)).
   4. logit_bias, added after the penalties so that -100 and +100 mean the same whatever the history.
@@ -75,6 +77,8 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     min_tokens: int = 0
     logits_processors: tuple[LogitsProcessor, ...] = ()
+    # A grammar the output must follow (llguidance's Lark dialect), run by engine/constraints.py.
+    grammar: str | None = None
 
     def __post_init__(self) -> None:
         self._check_numbers()
@@ -96,6 +100,8 @@ class SamplingParams:
                 "logits_processors", "callables (output_ids, logits_row) -> row", processors
             )
         object.__setattr__(self, "logits_processors", processors)
+        if self.grammar is not None and (not isinstance(self.grammar, str) or not self.grammar):
+            raise _invalid("grammar", "None or a non-empty string", self.grammar)
 
     def _check_numbers(self) -> None:
         if not _is_real(self.temperature) or self.temperature < 0:
@@ -184,6 +190,14 @@ class Logprobs:
 
 
 @dataclass(frozen=True, slots=True)
+class TokenMask:
+    """Tokens a step's rows may not take (grammars): `banned[j]` is the mask of row `rows[j]`."""
+
+    rows: torch.Tensor | None  # [k] int64 row indices; None: every row, in order
+    banned: torch.Tensor  # [k, V] bool, on the logits' device
+
+
+@dataclass(frozen=True, slots=True)
 class SamplerOutput:
     token_ids: torch.Tensor  # [B] int64
     logprobs: Logprobs | None = None  # present when any row asked for logprobs
@@ -197,14 +211,19 @@ class Sampler:
         self._seed = seed
         self._generators: dict[torch.device, torch.Generator] = {}
 
-    def sample(self, logits: torch.Tensor, requests: Sequence[SamplingState]) -> SamplerOutput:
+    def sample(
+        self,
+        logits: torch.Tensor,
+        requests: Sequence[SamplingState],
+        mask: TokenMask | None = None,
+    ) -> SamplerOutput:
         """logits [B, V] (float32 or bf16), one row per request -> next tokens (and logprobs)."""
         assert logits.dim() == 2 and logits.shape[0] == len(requests), (logits.shape, len(requests))
         counts = tuple(r.params.logprobs for r in requests)
         raw_logprobs = None
         if any(c is not None for c in counts):
             raw_logprobs = torch.log_softmax(logits.to(torch.float32), dim=-1)
-        processed = self.process_logits(logits, requests)
+        processed = self.process_logits(logits, requests, mask)
         token_ids = self._choose(processed, requests)
         if raw_logprobs is None:
             return SamplerOutput(token_ids)
@@ -214,12 +233,17 @@ class Sampler:
         return SamplerOutput(token_ids, Logprobs(sampled, top.indices, top.values, counts))
 
     def process_logits(
-        self, logits: torch.Tensor, requests: Sequence[SamplingState]
+        self,
+        logits: torch.Tensor,
+        requests: Sequence[SamplingState],
+        mask: TokenMask | None = None,
     ) -> torch.Tensor:
-        """Stages 0, 2-5: a float32 copy of `logits` with processors, penalties, bias and
-        min_tokens applied; what a greedy row takes the argmax of."""
+        """Stages 0, 2-5: a float32 copy of `logits` with processors, the grammar mask,
+        penalties, bias and min_tokens applied; what a greedy row takes the argmax of."""
         out = logits.to(torch.float32, copy=True)
         _apply_processors(out, requests)
+        if mask is not None:
+            _apply_token_mask(out, mask)
         _apply_penalties(out, requests)
         _apply_logit_bias(out, [r.params for r in requests])
         _apply_min_tokens(out, requests)
@@ -288,6 +312,14 @@ def _apply_processors(logits: torch.Tensor, requests: Sequence[SamplingState]) -
     for i, request in enumerate(requests):
         for processor in request.params.logits_processors:
             logits[i] = processor(request.output_token_ids, logits[i])
+
+
+def _apply_token_mask(logits: torch.Tensor, mask: TokenMask) -> None:
+    if mask.rows is None:
+        logits.masked_fill_(mask.banned, -math.inf)
+    else:  # only the constrained rows are read and written: the others keep their logits
+        rows = logits.index_select(0, mask.rows).masked_fill_(mask.banned, -math.inf)
+        logits.index_copy_(0, mask.rows, rows)
 
 
 def _apply_penalties(logits: torch.Tensor, requests: Sequence[SamplingState]) -> None:

@@ -5,7 +5,8 @@ a prompt past the sliding window), 20 concurrent streams all get their solo toke
 stops iterating aborts its request and every KV block comes back (read from `stats()`, the only
 view of a child's cache); `abort(id)` ends a stream with 'abort'; a bad request raises
 `RequestError` before any output, an unpicklable logits processor included (or one the child cannot unpickle), while a picklable one
-runs in the child; `shutdown()` ends open streams with 'abort' and leaves no child; a killed child
+runs in the child; a grammar runs in the child on the vocabulary its spec carried (and one that
+does not compile is refused there); `shutdown()` ends open streams with 'abort' and leaves no child; a killed child
 makes open streams and new requests raise `EngineDeadError`; a model that cannot load fails the
 constructor with the child's message.
 
@@ -16,6 +17,7 @@ engine make their own. Waits are bounded polls; nothing asserts on speed.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import random
 import signal
@@ -26,12 +28,14 @@ import pytest
 import torch
 
 from engine.async_engine import EngineDeadError
+from engine.constraints import GrammarVocabulary
 from engine.engine import EngineConfig, RequestError, RequestOutput
 from engine.engine_process import EngineSpec, ProcessEngine
 from engine.model.gpt_oss import GptOss
 from engine.request import FinishReason
 from engine.sampler import SamplingParams
 from tests.engine.streams import collect, eventually, sync_tokens, tokens_of
+from tests.harmony.synthetic_vocab import synthetic_encoding
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -211,6 +215,7 @@ def test_a_bad_request_raises_before_any_output(engine: ProcessEngine) -> None:
             ([1] * limit, greedy(4), f"at most {limit - 1} fit"),
             ([1, 2], greedy(4, logits_processors=(lambda ids, row: row,)), "must pickle"),
             ([1, 2], greedy(4, logits_processors=(OnlyInThisProcess(),)), "cannot read"),
+            ([1, 2], greedy(4, grammar='start: "a"'), "without a grammar vocabulary"),
         ):
             yielded = []
             with pytest.raises(RequestError, match=message):
@@ -222,6 +227,32 @@ def test_a_bad_request_raises_before_any_output(engine: ProcessEngine) -> None:
         return await collect(engine.generate([1, 2, 3], greedy(4)))  # the engine still serves
 
     assert len(tokens_of(asyncio.run(main()))) == 4
+
+
+def test_grammars_run_in_the_child_on_the_vocabulary_sent_to_it(tiny_checkpoint: Path) -> None:
+    enc = synthetic_encoding()
+    vocabulary = GrammarVocabulary(
+        enc.mergeable_ranks, enc.special_tokens, enc.pattern, enc.ids.return_
+    )
+    spec = dataclasses.replace(
+        spec_of(tiny_checkpoint, kv_cache_tokens=8192, max_model_len=1024),
+        grammar_vocabulary=vocabulary,
+    )
+    engine = ProcessEngine(spec)
+    try:
+        grammar = 'start: "the" " is" <|end|>'
+        params = SamplingParams(temperature=1.0, seed=2, max_tokens=30, grammar=grammar)
+
+        async def main() -> list[RequestOutput]:
+            with pytest.raises(RequestError, match="does not compile"):
+                await collect(engine.generate([1, 2], greedy(4, grammar="start: <|nope|>")))
+            return await collect(engine.generate([1, 2, 3], params))
+
+        stream = asyncio.run(main())
+        assert enc.decode(tokens_of(stream)) == "the is<|end|>"
+        assert stream[-1].finish_reason == "stop"
+    finally:
+        engine.shutdown()
 
 
 def test_a_duplicate_request_id_raises_request_error(engine: ProcessEngine) -> None:

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from engine.sampler import Sampler, SamplingParams, SamplingState
+from engine.sampler import Sampler, SamplingParams, SamplingState, TokenMask
 
 VOCAB = 32
 
@@ -290,6 +290,30 @@ def test_logits_processors_see_the_output_ids_and_their_result_is_used() -> None
     assert calls[1][1][7] == 0.0 and calls[1][1][3] == -math.inf  # the second, the first's result
 
 
+def test_a_token_mask_bans_in_its_rows_only_and_survives_a_bias() -> None:
+    logits = _logits(4)
+    banned = torch.zeros(2, VOCAB, dtype=torch.bool)
+    banned[:, :30] = True  # rows 1 and 3 may take only tokens 30 and 31
+    mask = TokenMask(torch.tensor([1, 3]), banned)
+    params = SamplingParams(logit_bias={0: 100}, presence_penalty=0.5)
+    states = [SamplingState(params, [], [2, 2]) for _ in range(4)]
+    sampler = Sampler(seed=0)
+    processed = sampler.process_logits(logits, states, mask)
+    plain = sampler.process_logits(logits, states)
+    assert torch.equal(processed[[0, 2]], plain[[0, 2]])  # bit for bit
+    assert torch.isinf(processed[[1, 3], :30]).all()
+    assert torch.equal(processed[[1, 3], 30:], plain[[1, 3], 30:])
+    tokens = sampler.sample(logits.expand(4, -1), states, mask).token_ids
+    assert tokens[0] == 0 and tokens[2] == 0  # the +100 bias wins where nothing is banned
+    assert set(tokens[[1, 3]].tolist()) <= {30, 31}
+    # A mask over every row, in order.
+    every = TokenMask(
+        None, torch.ones(4, VOCAB, dtype=torch.bool).index_fill_(1, torch.tensor([5]), False)
+    )
+    greedy = _states(SamplingParams(temperature=0), 4)
+    assert Sampler().sample(logits, greedy, every).token_ids.tolist() == [5, 5, 5, 5]
+
+
 def test_min_tokens_masks_stop_tokens_until_enough_were_generated() -> None:
     logits = torch.tensor([[0.0, 1.0, 0.5, 0.0, 0.0, 9.0]])
     params = SamplingParams(temperature=0, min_tokens=2, stop_token_ids=(5,))
@@ -359,6 +383,8 @@ def test_the_callers_logits_are_not_written() -> None:
         ("min_tokens", 17),  # above the default max_tokens of 16
         ("stop_token_ids", (-1,)),
         ("logits_processors", (1,)),
+        ("grammar", ""),
+        ("grammar", b"start: 'a'"),
     ],
 )
 def test_invalid_params_name_the_field(name: str, value: object) -> None:

@@ -1,0 +1,153 @@
+"""Grammar-constrained decoding: one llguidance matcher per constrained request, masks per batch.
+
+The engine runs a request's grammar (`SamplingParams.grammar`, llguidance's Lark dialect; the
+server's harmony layer writes it) as opaque text over token ids. This file owns:
+
+- `GrammarVocabulary`: the vocabulary as llguidance builds its tokenizer from it (the ordinary
+  tokens' bytes by id, the special tokens by name, the pre-tokenization regex, the end token):
+  plain data, so the engine's own process builds the same tokenizer;
+- `GrammarConstraints`, the batch constraint manager: it compiles a matcher when a constrained
+  request is added, fills the token bitmasks of a step's constrained rows together (llguidance's
+  parallel fill, which releases the GIL) in a worker thread started before the forward and joined
+  before sampling, turns them into one boolean tensor of banned tokens for the sampler, and
+  advances the matchers with the sampled tokens.
+
+Requests without a grammar pay nothing: with no constrained request in the engine nothing here
+runs, and with some, the masks touch only the constrained rows (unconstrained rows keep their
+logits bit for bit). A matcher that rejects a sampled token (it cannot happen through the mask, so
+it is a bug somewhere) fails its request; a grammar that is complete ends its request.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+from llguidance import LLExecutor, LLMatcher, LLTokenizer
+
+from engine.sampler import TokenMask
+
+logger = logging.getLogger(__name__)
+
+_BITS = 32  # llguidance's bitmask: one int32 word per 32 token ids, bit k of word w is id 32w + k
+
+
+class GrammarError(ValueError):
+    """A grammar that does not compile (against this engine's vocabulary)."""
+
+
+@dataclass(frozen=True, slots=True)
+class GrammarVocabulary:
+    """What llguidance needs to build its tokenizer for the model's vocabulary (picklable)."""
+
+    mergeable_ranks: Mapping[bytes, int]  # ordinary tokens: bytes -> id
+    special_tokens: Mapping[str, int]  # name -> id; grammars name control tokens `<|end|>`
+    pattern: str  # the pre-tokenization regex
+    eos_token_id: int  # the token a complete grammar allows (grammars here end on their own)
+
+    def tokenizer(self, vocab_size: int) -> LLTokenizer:
+        """llguidance's tokenizer over at least `vocab_size` ids (ids with no bytes never match)."""
+        top = max([*self.mergeable_ranks.values(), *self.special_tokens.values()]) + 1
+        return LLTokenizer.from_tiktoken(  # type: ignore[attr-defined]
+            encoder=dict(self.mergeable_ranks),
+            special_tokens=dict(self.special_tokens),
+            pattern=self.pattern,
+            eos_token=self.eos_token_id,
+            n_vocab=max(vocab_size, top),
+        )
+
+
+class MaskJob:
+    """The masks of one step, being filled in the worker thread while the forward runs."""
+
+    def __init__(self, future: Future[torch.Tensor], rows: list[int], batch: int) -> None:
+        self._future = future
+        self._rows = rows
+        self._batch = batch
+
+    def wait(self, device: torch.device) -> TokenMask:
+        banned = self._future.result().to(device, non_blocking=True)
+        rows = None
+        if len(self._rows) != self._batch:
+            rows = torch.tensor(self._rows, dtype=torch.long, device=device)
+        return TokenMask(rows, banned)
+
+    def join(self) -> None:
+        """Wait for the worker to let go of the matchers (a step that failed half way)."""
+        self._future.exception()
+
+
+class GrammarConstraints:
+    """The matchers of the constrained requests, and their masks step by step."""
+
+    def __init__(self, vocabulary: GrammarVocabulary, vocab_size: int) -> None:
+        self.vocab_size = vocab_size  # the model's logits width
+        self._tokenizer = vocabulary.tokenizer(vocab_size)  # ~1 s for o200k: once, at start-up
+        self._words = -(-self._tokenizer.vocab_size // _BITS)
+        self._executor = LLExecutor()
+        # One worker: a step's masks are one parallel fill; steps do not overlap.
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-masks")
+        self._matchers: dict[str, LLMatcher] = {}
+        self._shifts = torch.arange(_BITS, dtype=torch.int32)
+
+    @property
+    def active(self) -> bool:
+        """Whether any constrained request is in the engine (if not, steps skip this file)."""
+        return bool(self._matchers)
+
+    def add(self, request_id: str, grammar: str) -> None:
+        """Compile `grammar` for a new request; GrammarError when it does not compile."""
+        matcher = LLMatcher(self._tokenizer, grammar, log_level=0)
+        if matcher.is_error():
+            raise GrammarError(f"the grammar does not compile: {matcher.get_error()}")
+        self._matchers[request_id] = matcher
+
+    def remove(self, request_id: str) -> None:
+        self._matchers.pop(request_id, None)
+
+    def start_masks(self, request_ids: Sequence[str]) -> MaskJob | None:
+        """Start filling the masks of the constrained ones among a step's sampling rows (in
+        order); None when none is constrained."""
+        if not self._matchers:
+            return None
+        rows = [i for i, rid in enumerate(request_ids) if rid in self._matchers]
+        if not rows:
+            return None
+        matchers = [self._matchers[request_ids[i]] for i in rows]
+        future = self._worker.submit(self._banned, matchers)
+        return MaskJob(future, rows, len(request_ids))
+
+    def _banned(self, matchers: list[LLMatcher]) -> torch.Tensor:
+        """[k, V] bool: the tokens each matcher bans now (runs in the worker thread)."""
+        k = len(matchers)
+        bitmask = torch.empty((k, self._words), dtype=torch.int32)
+        # What llguidance.torch.fill_next_token_bitmask_par does, without importing that module
+        # (it pulls in torch.compile's inductor: seconds at start-up).
+        self._executor.unsafe_compute_mask_ptr(
+            [(m, j) for j, m in enumerate(matchers)], bitmask.data_ptr(), self._words * 4, k
+        )
+        bits = (bitmask.unsqueeze(-1) >> self._shifts) & 1  # [k, W, 32]
+        return (bits == 0).view(k, -1)[:, : self.vocab_size]
+
+    def advance(self, sampled: Mapping[str, int]) -> tuple[dict[str, str], list[str]]:
+        """Feed each constrained request its sampled token. Returns the requests that failed
+        (id -> why) and those whose grammar is now complete."""
+        pairs = [(rid, m, sampled[rid]) for rid, m in self._matchers.items() if rid in sampled]
+        if not pairs:
+            return {}, []
+        accepted = self._executor.consume_token_par([(m, t) for _, m, t in pairs])
+        failed: dict[str, str] = {}
+        complete: list[str] = []
+        for (rid, matcher, token), ok in zip(pairs, accepted, strict=True):
+            if not ok:
+                logger.error("request %s: token %d broke its grammar", rid, token)
+                failed[rid] = (
+                    f"the sampled token {token} is not allowed by the request's grammar: "
+                    f"{matcher.get_error()}"
+                )
+            elif matcher.is_stopped():
+                complete.append(rid)
+        return failed, complete
