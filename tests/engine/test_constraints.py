@@ -23,7 +23,7 @@ import jsonschema
 import pytest
 import torch
 
-from engine.constraints import GrammarConstraints, GrammarVocabulary
+from engine.constraints import GrammarConstraints, GrammarVocabulary, banned_from_bitmask
 from engine.engine import EngineConfig, LLMEngine, RequestError
 from engine.model.gpt_oss import GptOss
 from engine.request import FinishReason
@@ -305,3 +305,17 @@ def test_masks_cover_only_the_constrained_rows(enc) -> None:
     # Text the grammar forces comes as the vocabulary's own tokenization (llguidance's forcing:
     # what the model was trained on), not as "t" or "th".
     assert allowed == enc.encode("the")
+
+
+def test_the_device_unpacking_of_the_bits_is_the_cpu_one(enc) -> None:
+    """On a GPU the packed bits cross and torch unpacks them; on the CPU numpy does."""
+    constraints = GrammarConstraints(vocabulary(enc), 512)
+    for i, grammar in enumerate(['start: "the"', "start: <[0-300]>*", 'start: "x" | <|end|>']):
+        constraints.add(f"r{i}", grammar)
+    job = constraints.start_masks(["r0", "r1", "r2"])
+    assert job is not None
+    cpu = job.wait(torch.device("cpu")).banned
+    assert cpu.shape == (3, 512)
+    torch.testing.assert_close(banned_from_bitmask(torch.from_numpy(job._bitmask), 512), cpu)
+    # An accepting grammar also allows the vocabulary's end token (here `<|return|>`).
+    assert (~cpu[1]).nonzero().flatten().tolist() == [*range(301), enc.ids.return_]
