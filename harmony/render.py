@@ -197,26 +197,6 @@ class Renderer:
         is_call = role is Role.ASSISTANT and message.recipient is not None
         out.append(self._call if is_call else self._end)
 
-    def render_call_header(
-        self,
-        recipient: str,
-        *,
-        channel: str = "commentary",
-        content_type: str = "<|constrain|>json",
-    ) -> list[int]:
-        """What the model writes after `<|start|>assistant` to open a tool call, through
-        `<|message|>`, in the order gpt-oss writes it (channel, recipient, content type; the
-        renderer puts a history message's recipient first). Appended to a prompt, it forces the
-        call: the model goes on with the arguments."""
-        piece = self._piece
-        out = [self._channel, *piece(channel), *piece(f" to={recipient}")]
-        if content_type.startswith(CONSTRAIN_MARKER):
-            out += [*piece(" "), self._constrain, *piece(content_type[len(CONSTRAIN_MARKER) :])]
-        else:
-            out += piece(f" {content_type}")
-        out.append(self._message)
-        return out
-
     # --- conversations -------------------------------------------------------------------------
     def render_conversation(
         self, messages: Sequence[Message], *, auto_drop_analysis: bool = True

@@ -43,6 +43,11 @@ class Settings(BaseSettings):
     max_waiting_requests: int = Field(256, ge=1, description="queued requests before 429")
     default_reasoning_effort: Literal["low", "medium", "high"] = "medium"
     reasoning_field: Literal["both", "reasoning", "reasoning_content"] = "both"
+    strict_tool_arguments: bool = Field(
+        False,
+        description="constrain every tool call's arguments to the tool's JSON Schema, as if "
+        "each tool had strict: true",
+    )
     max_request_bytes: int = Field(32 * 2**20, ge=1024)
     max_n: int = Field(16, ge=1)
     max_stop_sequences: int = Field(4, ge=0)

@@ -20,6 +20,20 @@ One pure function per API; the table it implements (issue "server/" and CONTRACT
 
 A trailing assistant message is history, never a prefill. Earlier turns' analysis is dropped by the
 renderer, exactly as openai-harmony drops it.
+
+`reply_constraint` maps the fields that constrain the reply to harmony's `ReplyConstraint` (the
+grammar for constrained decoding), or None when nothing constrains it:
+
+| chat completions                               | constraint on the reply (after free analysis) |
+|------------------------------------------------|-----------------------------------------------|
+| `tool_choice: "required"`                      | a call to one of the tools                    |
+| `tool_choice: {"type": "function", ...}`       | a call to that function                       |
+| `tool_choice: "auto"` (tools given)            | a call or a final answer, when another row    |
+|                                                | applies (a strict tool, a response format)    |
+| `tools[i].function.strict: true` (or the       | that tool's arguments match its `parameters`  |
+| server's strict flag)                          | (else: any JSON object)                       |
+| `response_format` json_schema / json_object    | the final answer is that schema's JSON / any  |
+|                                                | JSON object                                   |
 """
 
 from __future__ import annotations
@@ -42,10 +56,19 @@ from harmony import (
     ToolNamespace,
     ToolSchemaError,
 )
+from harmony.grammar import (
+    ANY_JSON_OBJECT,
+    FunctionConstraint,
+    ReplyConstraint,
+    SchemaError,
+    check_json_schema,
+)
 from harmony.messages import DEFAULT_KNOWLEDGE_CUTOFF, DEFAULT_MODEL_IDENTITY
 from harmony.tool_schema import validate_parameters
 
 JSON_CONTENT_TYPE = "<|constrain|>json"
+# The arguments of a strict function that declares no parameters: it takes none.
+NO_ARGUMENTS = {"type": "object", "properties": {}, "additionalProperties": False}
 
 
 class BridgeError(ValueError):
@@ -109,14 +132,8 @@ def function_tools(tools: Sequence[dict[str, Any]] | None) -> list[ToolDescripti
     return result
 
 
-def forced_function(
-    tool_choice: str | dict[str, Any] | None, tools: Sequence[dict[str, Any]] | None
-) -> str | None:
-    """The function a named `tool_choice` forces (its call header is then prefilled), or None.
-
-    "auto", "none" and "required" force no header here ("required" leaves the model the choice
-    of function, which only constrained decoding can enforce).
-    """
+def named_function(tool_choice: str | dict[str, Any] | None, declared: Sequence[str]) -> str | None:
+    """The function a named `tool_choice` asks for, or None for "auto", "none" and "required"."""
     if tool_choice is None or tool_choice in ("auto", "none", "required"):
         return None
     function = tool_choice.get("function") if isinstance(tool_choice, dict) else None
@@ -127,13 +144,69 @@ def forced_function(
             "tool_choice",
         )
     name = function.get("name") if isinstance(function, dict) else None
-    declared = [t.name for t in function_tools(tools)]
     if name not in declared:
         raise BridgeError(
-            f"tool_choice names the function {name!r}, which is not among the tools {declared}",
+            f"tool_choice names the function {name!r}, which is not among the tools "
+            f"{list(declared)}",
             "tool_choice",
         )
     return name
+
+
+def reply_constraint(
+    tools: Sequence[dict[str, Any]] | None,
+    tool_choice: str | dict[str, Any] | None,
+    response_format: dict[str, Any] | None,
+    *,
+    strict_tools: bool = False,
+) -> ReplyConstraint | None:
+    """What constrained decoding must enforce on the reply (the table above), or None when the
+    reply runs free. Every schema it enforces is checked to compile: a 400 names the one that does
+    not (`strict_tools`: every tool counts as strict)."""
+    declared = function_tools(tools)
+    name = named_function(tool_choice, [t.name for t in declared])
+    if tool_choice == "required" and not declared:
+        raise BridgeError("tool_choice 'required' needs at least one function tool", "tool_choice")
+    final_schema = _final_schema(response_format)
+    functions: list[FunctionConstraint] = []
+    any_strict = False
+    if tool_choice != "none":
+        for i, (tool, description) in enumerate(zip(tools or (), declared, strict=True)):
+            if name is not None and description.name != name:
+                continue
+            strict = strict_tools or (tool.get("function") or {}).get("strict") is True
+            parameters = None
+            if strict:
+                parameters = description.parameters or NO_ARGUMENTS
+                _check(parameters, f"tools[{i}].function.parameters")
+                any_strict = True
+            functions.append(FunctionConstraint(description.name, parameters))
+    require_call = name is not None or tool_choice == "required"
+    if not require_call and not any_strict and final_schema is None:
+        return None
+    return ReplyConstraint(tuple(functions), require_call, final_schema)
+
+
+def _final_schema(response_format: dict[str, Any] | None) -> dict[str, Any] | None:
+    kind = (response_format or {}).get("type")
+    if kind == "json_object":
+        return dict(ANY_JSON_OBJECT)
+    if kind != "json_schema":
+        return None
+    spec = (response_format or {}).get("json_schema") or {}
+    schema = spec.get("schema", {})
+    _check(schema, "response_format.json_schema.schema")
+    return schema
+
+
+def _check(schema: Any, param: str) -> None:
+    try:
+        check_json_schema(schema)
+    except SchemaError as exc:
+        where = exc.where(param)
+        raise BridgeError(
+            f"{where}: this JSON Schema cannot be enforced: {exc.message}", where
+        ) from exc
 
 
 def response_formats(response_format: dict[str, Any] | None) -> tuple[ResponseFormat, ...]:

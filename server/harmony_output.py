@@ -160,9 +160,7 @@ class _CallParts:
 class ChatOutputMapper:
     """Maps one completion's tokens to chat deltas step by step, then to the whole result."""
 
-    def __init__(self, encoding: HarmonyEncoding, forced_header: Sequence[int] = ()) -> None:
-        """`forced_header`: prompt tokens after `<|start|>assistant` that opened a forced tool
-        call; read first, as if generated, but not counted as output."""
+    def __init__(self, encoding: HarmonyEncoding) -> None:
         self._parser = StreamParser(encoding, Role.ASSISTANT)
         self._start = encoding.ids.start
         self._stop_ids = encoding.assistant_stop_token_ids
@@ -184,9 +182,6 @@ class ChatOutputMapper:
         self._dropped = 0
         self._malformed = False
         self._result: ChatResult | None = None
-        self._n_forced = len(forced_header)
-        # Read now; the call's head goes out, merged, with the first output's deltas.
-        self._consume(forced_header, [])
 
     def feed(self, token_ids: Sequence[int]) -> list[ChatDelta]:
         """Consume the next generated tokens; return the deltas they completed, merged by kind."""
@@ -241,7 +236,7 @@ class ChatOutputMapper:
             tool_calls=tool_calls,
             finish_reason=self._finish_reason(engine_finish_reason, cut_call),
             reasoning_tokens=self._reasoning_tokens,
-            completion_tokens=len(parser.tokens) - self._n_forced,
+            completion_tokens=len(parser.tokens),
             dropped_messages=self._dropped,
             tail_deltas=tuple(out),
         )

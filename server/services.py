@@ -17,10 +17,11 @@ import torch
 
 from engine.async_engine import AsyncEngine, AsyncEngineBase
 from engine.config import DTYPES
+from engine.constraints import GrammarVocabulary
 from engine.engine import EngineConfig, LLMEngine
 from engine.engine_process import EngineSpec, ProcessEngine
 from engine.model.gpt_oss import GptOss
-from harmony import ReasoningEffort, load_harmony_encoding
+from harmony import HarmonyEncoding, ReasoningEffort, load_harmony_encoding
 from server.config import Settings
 from server.harmony_bridge import PromptDefaults
 from server.model_source import resolve_model
@@ -89,6 +90,7 @@ def load_services(settings: Settings) -> Services:
         max_model_len=settings.max_model_len,  # capped at the model's positions where it loads
     )
     progress = LoadProgress(f"{source.path.name} on {device}")
+    vocabulary = grammar_vocabulary(encoding)
     engine: AsyncEngineBase
     if settings.engine_process:
         spec = EngineSpec(
@@ -98,10 +100,13 @@ def load_services(settings: Settings) -> Services:
             config=config,
             torch_threads=torch.get_num_threads(),  # what this process was given
             log_level=logging.getLogger().getEffectiveLevel(),
+            grammar_vocabulary=vocabulary,
         )
         engine = ProcessEngine(spec, progress=progress)  # returns after the warm-up step
     else:
-        engine = AsyncEngine(_thread_engine(source.path, settings, device, config, progress))
+        engine = AsyncEngine(
+            _thread_engine(source.path, settings, device, config, progress, vocabulary)
+        )
     vocab = engine.vocab_size
     beyond = [
         name for name, i in encoding.special_tokens.items() if i >= vocab and "reserved" not in name
@@ -129,15 +134,33 @@ def load_services(settings: Settings) -> Services:
     )
 
 
+def grammar_vocabulary(encoding: HarmonyEncoding) -> GrammarVocabulary:
+    """The vocabulary as the engine's grammar library reads it; a grammar that is complete has
+    ended on its own token, so the end token it names is the end of an assistant turn."""
+    return GrammarVocabulary(
+        mergeable_ranks=encoding.mergeable_ranks,
+        special_tokens=encoding.special_tokens,
+        pattern=encoding.pattern,
+        eos_token_id=encoding.ids.return_,
+    )
+
+
 def _thread_engine(
-    path: Path, settings: Settings, device: str, config: EngineConfig, progress: LoadProgress
+    path: Path,
+    settings: Settings,
+    device: str,
+    config: EngineConfig,
+    progress: LoadProgress,
+    vocabulary: GrammarVocabulary,
 ) -> LLMEngine:
     """The engine core in this process (`--no-engine-process`), loaded and warmed up."""
     model = GptOss.from_checkpoint(
         path, dtype=DTYPES[settings.dtype], device=device, progress=progress
     )
     positions = model.config.max_position_embeddings
-    engine = LLMEngine(model, replace(config, max_model_len=min(config.max_model_len, positions)))
+    engine = LLMEngine(
+        model, replace(config, max_model_len=min(config.max_model_len, positions)), vocabulary
+    )
     warm_up_start = time.perf_counter()
     engine.warm_up()
     logger.info("warm-up step done in %.1f s", time.perf_counter() - warm_up_start)

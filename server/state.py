@@ -11,6 +11,7 @@ from fastapi import Depends, Request
 
 from engine.async_engine import AsyncEngineBase
 from harmony import HarmonyEncoding, Renderer
+from harmony.grammar import ReplyGrammars
 from server.config import Settings
 from server.errors import AuthenticationError, ServiceUnavailableError
 from server.harmony_bridge import PromptDefaults
@@ -18,16 +19,18 @@ from server.harmony_bridge import PromptDefaults
 
 @dataclass
 class Services:
-    """What the routes use: the vocabulary, the renderer and the engine's door."""
+    """What the routes use: the vocabulary, the renderer, the reply grammars and the engine's door."""
 
     encoding: HarmonyEncoding
     engine: AsyncEngineBase
     max_model_len: int
     prompt_defaults: PromptDefaults = field(default_factory=PromptDefaults)
     renderer: Renderer = field(init=False)
+    grammars: ReplyGrammars = field(init=False)
 
     def __post_init__(self) -> None:
         self.renderer = Renderer(self.encoding)
+        self.grammars = ReplyGrammars(self.encoding)
 
 
 @dataclass

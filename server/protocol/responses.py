@@ -19,6 +19,7 @@ message, so that text written before a call is the call's preamble (commentary),
 
 from __future__ import annotations
 
+import re
 import secrets
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -105,7 +106,8 @@ class ResponsesRequest(BaseModel):
                 raise InvalidRequestError(
                     f"tools[{i}].name must be a non-empty string", param=f"tools[{i}].name"
                 )
-            function = {k: tool[k] for k in ("name", "description", "parameters") if k in tool}
+            keys = ("name", "description", "parameters", "strict")
+            function = {k: tool[k] for k in keys if k in tool}
             out.append({"type": "function", "function": function})
         return out
 
@@ -126,6 +128,25 @@ class ResponsesRequest(BaseModel):
             )
         spec = {k: fmt[k] for k in ("name", "schema", "description", "strict") if k in fmt}
         return {"type": "json_schema", "json_schema": spec}
+
+
+# Chat-shaped names in errors from the shared chat mapping -> where the Responses request has them.
+_CHAT_PARAMS = (
+    (re.compile(r"\bresponse_format\.json_schema\."), "text.format."),
+    (re.compile(r"\btools\[(\d+)\]\.function\."), r"tools[\1]."),
+)
+
+
+def responses_error(error: InvalidRequestError) -> InvalidRequestError:
+    """`error` (raised by the chat mapping) naming the parts of the Responses request instead."""
+
+    def rename(text: str) -> str:
+        for pattern, replacement in _CHAT_PARAMS:
+            text = pattern.sub(replacement, text)
+        return text
+
+    param = None if error.param is None else rename(error.param)
+    return InvalidRequestError(rename(error.message), param=param, code=error.code)
 
 
 # --- input items -> chat messages -----------------------------------------------------------------

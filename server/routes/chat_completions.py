@@ -78,7 +78,7 @@ async def create_chat_completion(
 ) -> Any:
     settings: Settings = request.app.state.server.settings
     _check(body, settings, svc)
-    prompt, forced_header = chat_prompt_ids(
+    prompt, grammar = chat_prompt_ids(
         svc,
         body.messages,
         tools=body.tools,
@@ -86,8 +86,9 @@ async def create_chat_completion(
         reasoning_effort=body.effort(),
         response_format=body.response_format,
         defaults=svc.prompt_defaults,
+        strict_tools=settings.strict_tool_arguments,
     )
-    params = _sampling_params(body, svc, len(prompt))
+    params = _sampling_params(body, svc, len(prompt), grammar)
     completion_id = "chatcmpl-" + secrets.token_hex(12)
     try:  # refuse now, before a stream has started, what the engine would refuse
         svc.engine.validate(f"{completion_id}-check", prompt, params)
@@ -99,7 +100,7 @@ async def create_chat_completion(
     choices = [
         Choice(
             i,
-            ChatOutputMapper(svc.encoding, forced_header),
+            ChatOutputMapper(svc.encoding),
             StopStringMatcher(body.stop_strings()),
             metrics=metrics,
         )
@@ -145,7 +146,9 @@ def _check(body: ChatCompletionRequest, settings: Settings, svc: Services) -> No
     check_queue(svc, settings)
 
 
-def _sampling_params(body: ChatCompletionRequest, svc: Services, prompt_len: int) -> SamplingParams:
+def _sampling_params(
+    body: ChatCompletionRequest, svc: Services, prompt_len: int, grammar: str | None
+) -> SamplingParams:
     param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
     max_tokens = output_budget(
         svc,
@@ -162,6 +165,7 @@ def _sampling_params(body: ChatCompletionRequest, svc: Services, prompt_len: int
         logprobs=(body.top_logprobs or 0) if body.logprobs else None,
         max_tokens=max_tokens,
         stop_token_ids=tuple(sorted(svc.encoding.assistant_stop_token_ids)),
+        grammar=grammar,
     )
     try:
         params.check_vocab(svc.encoding.n_vocab)

@@ -41,6 +41,7 @@ from server.protocol.responses import (
     ResponsesRequest,
     items_to_chat_messages,
     response_object,
+    responses_error,
 )
 from server.routes.common import check_model, check_queue, check_unsupported, output_budget
 from server.routes.tokenize import ChatPrompt, chat_prompt_ids
@@ -95,7 +96,7 @@ async def create_response(body: ResponsesRequest, request: Request, svc: Service
     settings: Settings = request.app.state.server.settings
     _check(body, settings, svc)
     store = _store(request.app)
-    run = await _prepare(body, svc, store, settings.model_id)
+    run = await _prepare(body, svc, store, settings)
     if body.background:
         run.response["status"] = "queued"
         await run.persist()
@@ -162,7 +163,9 @@ def _check(body: ResponsesRequest, settings: Settings, svc: Services) -> None:
     check_queue(svc, settings)
 
 
-async def _prepare(body: ResponsesRequest, svc: Services, store: ResponseStore, model: str) -> Run:
+async def _prepare(
+    body: ResponsesRequest, svc: Services, store: ResponseStore, settings: Settings
+) -> Run:
     history: list[dict[str, Any]] = []
     if body.previous_response_id is not None:
         previous = await asyncio.to_thread(store.get, body.previous_response_id)
@@ -180,16 +183,20 @@ async def _prepare(body: ResponsesRequest, svc: Services, store: ResponseStore, 
             )
         history = previous["items"] + previous["response"]["output"]
     items = history + body.input_items()
-    prompt = chat_prompt_ids(
-        svc,
-        items_to_chat_messages(items, body.instructions),
-        tools=body.chat_tools(),
-        tool_choice=body.chat_tool_choice(),
-        reasoning_effort=body.reasoning.effort if body.reasoning else None,
-        response_format=body.response_format(),
-        defaults=svc.prompt_defaults,
-    )
-    params = _sampling_params(body, svc, len(prompt.token_ids))
+    try:
+        prompt = chat_prompt_ids(
+            svc,
+            items_to_chat_messages(items, body.instructions),
+            tools=body.chat_tools(),
+            tool_choice=body.chat_tool_choice(),
+            reasoning_effort=body.reasoning.effort if body.reasoning else None,
+            response_format=body.response_format(),
+            defaults=svc.prompt_defaults,
+            strict_tools=settings.strict_tool_arguments,
+        )
+    except InvalidRequestError as exc:
+        raise responses_error(exc) from exc.__cause__
+    params = _sampling_params(body, svc, len(prompt.token_ids), prompt.grammar)
     response_id = "resp_" + secrets.token_hex(24)
     try:  # refuse now, before a stream has started, what the engine would refuse
         svc.engine.validate(f"{response_id}-check", prompt.token_ids, params)
@@ -199,14 +206,16 @@ async def _prepare(body: ResponsesRequest, svc: Services, store: ResponseStore, 
         body,
         response_id=response_id,
         created_at=int(time.time()),
-        model=model,
+        model=settings.model_id,
         status="in_progress",
         output=[],
     )
     return Run(response, items, prompt, params, store if body.store else None)
 
 
-def _sampling_params(body: ResponsesRequest, svc: Services, prompt_len: int) -> SamplingParams:
+def _sampling_params(
+    body: ResponsesRequest, svc: Services, prompt_len: int, grammar: str | None
+) -> SamplingParams:
     max_tokens = output_budget(
         svc,
         prompt_len,
@@ -221,6 +230,7 @@ def _sampling_params(body: ResponsesRequest, svc: Services, prompt_len: int) -> 
             top_p=1.0 if body.top_p is None else body.top_p,
             max_tokens=max_tokens,
             stop_token_ids=tuple(sorted(svc.encoding.assistant_stop_token_ids)),
+            grammar=grammar,
         )
     except ValueError as exc:
         raise InvalidRequestError(str(exc)) from exc
@@ -234,7 +244,7 @@ async def _events(run: Run, svc: Services) -> AsyncIterator[dict[str, Any]]:
     yield run.lifecycle("response.created")
     run.response["status"] = "in_progress"
     yield run.lifecycle("response.in_progress")
-    mapper = ChatOutputMapper(svc.encoding, run.prompt.forced_header)
+    mapper = ChatOutputMapper(svc.encoding)
     output = OutputItems()
     run.response["output"] = output.items
     last: RequestOutput | None = None

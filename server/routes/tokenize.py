@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict
 
 from harmony import Role
 from server.errors import InvalidRequestError, NotFoundError
-from server.harmony_bridge import BridgeError, PromptDefaults, chat_to_harmony, forced_function
+from server.harmony_bridge import BridgeError, PromptDefaults, chat_to_harmony, reply_constraint
 from server.state import Services, ServicesDep
 
 router = APIRouter()
@@ -39,9 +39,8 @@ class DetokenizeRequest(BaseModel):
 
 class ChatPrompt(NamedTuple):
     token_ids: list[int]
-    # The tail of `token_ids` that opens a forced tool call (a named tool_choice): the output
-    # mapper reads it first, as if the model had written it.
-    forced_header: list[int]
+    # The grammar the reply must follow (constrained decoding); None: the reply runs free.
+    grammar: str | None = None
 
 
 def chat_prompt_ids(
@@ -54,10 +53,14 @@ def chat_prompt_ids(
     response_format: dict[str, Any] | None,
     defaults: PromptDefaults,
     add_generation_prompt: bool = True,
+    strict_tools: bool = False,
 ) -> ChatPrompt:
-    """The prompt token ids of a chat: the mapping, then harmony rendering."""
+    """The prompt token ids of a chat (the mapping, then harmony rendering) and the grammar of
+    its reply."""
     try:
-        forced = forced_function(tool_choice, tools)
+        constraint = reply_constraint(
+            tools, tool_choice, response_format, strict_tools=strict_tools
+        )
         conversation = chat_to_harmony(
             messages,
             today=datetime.datetime.now(datetime.UTC).date(),
@@ -72,10 +75,9 @@ def chat_prompt_ids(
     except ValueError as exc:
         raise InvalidRequestError(str(exc)) from exc
     if not add_generation_prompt:
-        return ChatPrompt(svc.renderer.render_conversation(conversation), [])
+        return ChatPrompt(svc.renderer.render_conversation(conversation))
     ids = svc.renderer.render_for_completion(conversation, Role.ASSISTANT)
-    header = svc.renderer.render_call_header(f"functions.{forced}") if forced else []
-    return ChatPrompt(ids + header, header)
+    return ChatPrompt(ids, None if constraint is None else svc.grammars.build(constraint))
 
 
 def _check_model(model: str | None, request: Request) -> None:

@@ -184,26 +184,6 @@ def test_format_guide_tool_call_and_result_keep_cot(renderer: Renderer) -> None:
     assert tokens[call_end - 1] != renderer.encoding.ids.end
 
 
-def test_call_header_is_written_as_gpt_oss_writes_it_and_parses_as_a_call(
-    renderer: Renderer,
-) -> None:
-    header = renderer.render_call_header("functions.get_weather")
-    assert text_of(renderer, header) == (
-        "<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>"
-    )
-    arguments = renderer.encoding.encode('{"location":"Tokyo"}')
-    (call,) = parse_messages(
-        renderer.encoding,
-        [*header, *arguments, renderer.encoding.ids.call],
-        Role.ASSISTANT,
-        strict=True,
-    )
-    assert call.recipient == "functions.get_weather"
-    assert call.channel == "commentary"
-    assert call.content_type == "<|constrain|>json"
-    assert call.content == (TextContent('{"location":"Tokyo"}'),)
-
-
 def test_earlier_analysis_dropped_after_final_answer(renderer: Renderer) -> None:
     messages = [
         Message.from_role(Role.USER, "What is 2 + 2?"),

@@ -1,7 +1,8 @@
 """A real server with the engine core in its own process (`engine_process=True`, the default).
 
 Proven here, over HTTP on loopback: a streaming and a non-streaming chat completion through the
-official `openai` SDK; 20 concurrent streams complete; a client that disconnects mid-stream has
+official `openai` SDK; a constrained one (tool_choice "required": the grammar's vocabulary crossed
+into the child); 20 concurrent streams complete; a client that disconnects mid-stream has
 its request aborted and every KV block back (read from the engine's stats, the parent's only view
 of the child's cache); a SIGKILLed engine process ends open streams with an error event, turns
 `/health` to 503 and new requests to a 503 error envelope while the server process stays up; a
@@ -75,6 +76,21 @@ def test_chat_completions_streaming_and_not_through_the_sdk(process_server: Live
     assert chunks[-1].usage is not None
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens  # same greedy run
     assert httpx.get(process_server.base_url + "/health").json() == {"status": "ok"}
+
+
+def test_a_constrained_request_runs_in_the_engine_process(process_server: LiveServer) -> None:
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {}}}
+    completion = sdk(process_server).chat.completions.create(
+        model=MODEL_NAME,
+        messages=USER,
+        tools=[tool],
+        tool_choice="required",
+        max_tokens=400,
+        temperature=0,
+    )
+    (call,) = completion.choices[0].message.tool_calls
+    assert call.function.name == "get_weather"
+    assert isinstance(json.loads(call.function.arguments), dict)
 
 
 def test_20_concurrent_streams_complete(process_server: LiveServer) -> None:

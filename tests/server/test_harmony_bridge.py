@@ -9,7 +9,8 @@ import openai_harmony as oh
 import pytest
 
 from harmony import Author, Message, ReasoningEffort, Renderer, Role, TextContent
-from server.harmony_bridge import BridgeError, chat_to_harmony
+from harmony.grammar import ReplyConstraint
+from server.harmony_bridge import NO_ARGUMENTS, BridgeError, chat_to_harmony, reply_constraint
 
 TODAY = datetime.date(2026, 11, 21)
 WEATHER = {
@@ -210,3 +211,86 @@ def test_full_chat_renders_like_openai_harmony(o200k_encoding, oracle) -> None:
     assert ours == theirs
     # The first turn's CoT is dropped (its answer was final), as openai-harmony drops it.
     assert "Call the tool." not in o200k_encoding.decode(ours)
+
+
+# --- the reply's constraint (constrained decoding) ---------------------------------------------------
+
+ADD = {"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}
+STRICT_ADD = {"type": "function", "function": {**ADD["function"], "strict": True}}
+SCHEMA = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+
+
+def functions_of(constraint) -> list[tuple[str, object]]:
+    return [(f.name, f.parameters) for f in constraint.functions]
+
+
+def test_required_allows_every_tool_and_enforces_only_strict_schemas() -> None:
+    constraint = reply_constraint([WEATHER, STRICT_ADD], "required", None)
+    assert constraint == ReplyConstraint(constraint.functions, require_call=True)
+    assert functions_of(constraint) == [("get_weather", None), ("add", {"type": "object"})]
+    # The server's flag makes every tool strict.
+    flagged = reply_constraint([WEATHER, ADD], "required", None, strict_tools=True)
+    assert functions_of(flagged) == [
+        ("get_weather", WEATHER["function"]["parameters"]),
+        ("add", {"type": "object"}),
+    ]
+    # A strict function with no parameters takes none.
+    bare = {"type": "function", "function": {"name": "now", "strict": True}}
+    assert functions_of(reply_constraint([bare], "required", None)) == [("now", NO_ARGUMENTS)]
+
+
+def test_a_named_choice_requires_that_function_only() -> None:
+    named = {"type": "function", "function": {"name": "add"}}
+    constraint = reply_constraint([WEATHER, ADD], named, None)
+    assert constraint is not None and constraint.require_call
+    assert functions_of(constraint) == [("add", None)]
+
+
+def test_auto_is_free_unless_a_tool_is_strict_or_a_format_is_asked() -> None:
+    assert reply_constraint(None, None, None) is None
+    assert reply_constraint([WEATHER], "auto", None) is None
+    assert reply_constraint([WEATHER], None, {"type": "text"}) is None
+    strict = reply_constraint([WEATHER, STRICT_ADD], "auto", None)
+    assert strict is not None and not strict.require_call and strict.final_schema is None
+    assert functions_of(strict) == [("get_weather", None), ("add", {"type": "object"})]
+
+
+@pytest.mark.parametrize(
+    ("response_format", "final_schema"),
+    [
+        ({"type": "json_object"}, {"type": "object"}),
+        ({"type": "json_schema", "json_schema": {"name": "n", "schema": SCHEMA}}, SCHEMA),
+    ],
+)
+def test_a_response_format_constrains_the_final_answer(response_format, final_schema) -> None:
+    constraint = reply_constraint(None, None, response_format)
+    assert constraint == ReplyConstraint(final_schema=final_schema)
+    # With tools (auto) the reply may still be a call; with tool_choice "none" it may not.
+    with_tools = reply_constraint([WEATHER], "auto", response_format)
+    assert with_tools is not None and functions_of(with_tools) == [("get_weather", None)]
+    assert reply_constraint([WEATHER], "none", response_format).functions == ()
+
+
+@pytest.mark.parametrize(
+    ("args", "param", "match"),
+    [
+        (([], "required", None), "tool_choice", "needs at least one function tool"),
+        (
+            (None, None, {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+                "type": "object", "properties": {"when": {"type": "string", "format": "nope"}}}}}),
+            "response_format.json_schema.schema.properties.when",
+            "cannot be enforced: Unknown format: nope",
+        ),
+        (
+            ([WEATHER, {"type": "function", "function": {"name": "f", "strict": True,
+              "parameters": {"type": "object", "properties": {"x": {"not": {}}}}}}], "auto", None),
+            "tools[1].function.parameters.properties.x",
+            "not",
+        ),
+    ],
+)  # fmt: skip
+def test_what_cannot_be_enforced_is_a_400_naming_the_part(args, param, match) -> None:
+    with pytest.raises(BridgeError, match=match) as caught:
+        reply_constraint(*args)
+    assert caught.value.param == param
+    assert str(caught.value).startswith(param) or param == "tool_choice"

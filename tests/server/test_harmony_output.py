@@ -241,27 +241,6 @@ def test_analysis_then_tool_call(enc, engine_reason):
     assert result.reasoning_tokens == tokens.index(enc.ids.start)
 
 
-def test_a_forced_call_header_is_read_first_but_not_counted(enc):
-    header = Renderer(enc).render_call_header("functions.get_weather")
-    arguments = toks(enc, '{"location":"Paris"}<|call|>')
-    mapper = ChatOutputMapper(enc, header)
-    first = mapper.feed(arguments[:1])
-    assert first[0].tool_call is not None
-    assert (first[0].tool_call.index, first[0].tool_call.name) == (0, "get_weather")
-    assert CALL_ID.fullmatch(first[0].tool_call.id or "")
-    rest = mapper.feed(arguments[1:])
-    result = mapper.finish("stop")
-    check_stream([first, rest, list(result.tail_deltas)], result)
-    (tool_call,) = result.tool_calls
-    assert tool_call.arguments == '{"location":"Paris"}'
-    assert result.finish_reason == "tool_calls"
-    assert result.completion_tokens == len(arguments)
-    assert result.reasoning_tokens == 0
-    # Nothing generated at all: the call's head still comes out, at the end.
-    empty = ChatOutputMapper(enc, header).finish("length")
-    assert [d.tool_call.name for d in empty.tail_deltas if d.tool_call] == ["get_weather"]
-
-
 def test_two_tool_calls(enc):
     tokens = completion(enc, [call("get_weather", '{"location":"Paris"}'), call("get_time", "{}")])
     result = parse_completion(enc, tokens, "stop")

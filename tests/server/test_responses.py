@@ -564,7 +564,8 @@ def test_a_named_tool_choice_forces_that_function_call(client: openai.OpenAI) ->
         input="Weather in Paris?",
         tools=[TOOL],
         tool_choice={"type": "function", "name": "get_weather"},
-        max_output_tokens=6,
+        max_output_tokens=400,
+        temperature=0,
         store=False,
     )
     calls = [item for item in response.output if item.type == "function_call"]
