@@ -2,16 +2,21 @@
 
 `reference` (plain PyTorch, `reference.py`) is the specification and the oracle; faster CPU and GPU
 backends plug in here with the same signatures and are tested against it.
+
+`cpu` (`cpu_mxfp4.py`, C++ in `csrc/`) fuses the MXFP4 experts; the other ops stay the
+reference's. It is compiled on first use; where that is impossible (no compiler) `auto` falls
+back to `reference`, and `cpu_mxfp4.load` has logged why.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from engine.kernels import reference
+from engine.kernels import cpu_mxfp4, reference
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,16 +38,36 @@ REFERENCE = Kernels(
     moe=reference.moe,
 )
 
-_BACKENDS = {"reference": REFERENCE}
+
+def cpu_kernels(isa: str = "auto") -> Kernels:
+    """The fused CPU kernels on one instruction set (`auto`: the best this CPU has; tests force
+    each of `cpu_mxfp4.supported_isas()`). Raises RuntimeError when they cannot be built."""
+    if not cpu_mxfp4.load():
+        raise RuntimeError("the fused CPU kernels could not be built (the log says why)")
+    name = cpu_mxfp4.best_isa() if isa == "auto" else isa
+    if name not in cpu_mxfp4.supported_isas():
+        raise ValueError(f"ISA {name!r} is not supported here: {cpu_mxfp4.supported_isas()}")
+    return Kernels(
+        name=f"cpu-{name}",
+        rms_norm=reference.rms_norm,
+        rope_cos_sin=reference.rope_cos_sin,
+        apply_rope=reference.apply_rope,
+        paged_attention=reference.paged_attention,
+        moe=functools.partial(cpu_mxfp4.moe, isa=name),
+    )
 
 
 def select_kernels(backend: str = "auto", device: torch.device | str = "cpu") -> Kernels:
     """The kernels for a device: `auto` picks the fastest backend available there."""
+    on_cpu = torch.device(device).type == "cpu"
     if backend == "auto":
-        return REFERENCE  # the only backend so far; CPU and GPU kernels register here
-    try:
-        return _BACKENDS[backend]
-    except KeyError:
-        raise ValueError(
-            f"unknown kernel backend {backend!r}; available: auto, {', '.join(sorted(_BACKENDS))}"
-        ) from None
+        if on_cpu and cpu_mxfp4.load():
+            return cpu_kernels()
+        return REFERENCE
+    if backend == "reference":
+        return REFERENCE
+    if backend == "cpu":
+        if not on_cpu:
+            raise ValueError(f"the cpu kernel backend runs on the CPU, not on {device}")
+        return cpu_kernels()
+    raise ValueError(f"unknown kernel backend {backend!r}; available: auto, cpu, reference")

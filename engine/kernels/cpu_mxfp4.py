@@ -1,0 +1,168 @@
+"""The compiled CPU kernels (`csrc/mxfp4_cpu.cpp`): built on first use, loaded, and called.
+
+The C++ source is compiled once per machine with `torch.utils.cpp_extension` (a C++ compiler and
+ninja are needed) into a cache directory named by a hash of the source, the flags and the torch
+and Python versions, so an edited source or another torch builds afresh and an unchanged one is
+only loaded. When it cannot be built (no compiler, a failed build, a cache that cannot be written)
+`load()` logs why, once, and returns False: callers then use the PyTorch reference kernels.
+
+The instruction set is picked at run time (`best_isa()`); every op takes an `isa` argument so
+tests can force each path this CPU supports.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils import cpp_extension
+
+from engine.kernels import reference
+from engine.model.weights import Mxfp4Experts
+
+logger = logging.getLogger(__name__)
+
+# Paths in the order of preference of the C++ code's dispatch (higher is faster).
+ISAS: dict[str, int] = {"scalar": 0, "avx2": 1, "avx512": 2, "avx512vnni": 3}
+_SOURCE = Path(__file__).resolve().parent / "csrc" / "mxfp4_cpu.cpp"
+_NAME = "gpt_oss_cpu_kernels"
+# No -march: the library must run on any x86-64 (the cache may be shared by a container image
+# built elsewhere); each vector path carries its own target attribute and is chosen at run time.
+_CFLAGS = ("-O3", "-std=c++17", "-fno-math-errno")
+
+
+def _cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "gpt-oss-server" / "cpu-kernels"
+
+
+def _build_key() -> str:
+    digest = hashlib.sha256(_SOURCE.read_bytes())
+    tags = (torch.__version__, sys.version.split()[0], platform.machine(), *_CFLAGS)
+    digest.update("\0".join(tags).encode())
+    return digest.hexdigest()[:16]
+
+
+def _writable_build_dir(key: str) -> Path:
+    """The build directory under the user's cache, or under the temp dir when that is read-only."""
+    for root in (_cache_root(), Path(tempfile.gettempdir()) / f"gpt-oss-server-{os.getuid()}"):
+        directory = root / key
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            continue
+        if os.access(directory, os.W_OK):
+            return directory
+    raise OSError("no writable cache directory for the compiled CPU kernels")
+
+
+def _missing_tools() -> str | None:
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return f"no C++ compiler found ({compiler!r} is not on PATH; install g++ or set CXX)"
+    if not cpp_extension.is_ninja_available():
+        return "ninja is not installed (pip install ninja)"
+    return None
+
+
+_FALLBACK = "using the PyTorch reference kernels (correct, but far slower for MXFP4 experts)"
+
+
+@functools.cache
+def load() -> bool:
+    """Build (first use) and load the extension; False, with one logged reason, if impossible."""
+    if hasattr(torch.ops, "gpt_oss_cpu") and hasattr(torch.ops.gpt_oss_cpu, "best_isa"):
+        return True  # loaded already in this process
+    return build_and_load()
+
+
+def build_and_load() -> bool:
+    """Load the library from the cache, compiling it there first if needed (uncached: `load`)."""
+    try:
+        directory = _writable_build_dir(_build_key())
+        library = directory / f"{_NAME}.so"
+        if library.is_file():
+            torch.ops.load_library(str(library))
+            return True
+        missing = _missing_tools()
+        if missing is not None:
+            logger.warning("fused CPU kernels unavailable: %s; %s", missing, _FALLBACK)
+            return False
+        logger.info("compiling the fused CPU kernels (once; about a minute) in %s", directory)
+        start = time.perf_counter()
+        cpp_extension.load(
+            name=_NAME,
+            sources=[str(_SOURCE)],
+            extra_cflags=list(_CFLAGS),
+            build_directory=str(directory),
+            is_python_module=False,
+            verbose=False,
+        )
+        logger.info("fused CPU kernels built in %.0f s", time.perf_counter() - start)
+        return True
+    except (OSError, RuntimeError, ImportError, subprocess.CalledProcessError) as exc:
+        lines = str(exc).strip().splitlines()
+        reason = lines[-1] if lines else type(exc).__name__
+        logger.warning("fused CPU kernels could not be built (%s); %s", reason, _FALLBACK)
+        return False
+
+
+def best_isa() -> str:
+    """The fastest path this CPU runs (the extension must be loaded)."""
+    number = int(torch.ops.gpt_oss_cpu.best_isa())
+    return next(name for name, n in ISAS.items() if n == number)
+
+
+def supported_isas() -> list[str]:
+    """Every path this CPU runs, slowest first."""
+    best = ISAS[best_isa()]
+    return [name for name, n in ISAS.items() if n <= best]
+
+
+def _isa_number(isa: str) -> int:
+    if isa == "auto":
+        return ISAS[best_isa()]
+    if isa not in ISAS:
+        raise ValueError(f"unknown ISA {isa!r}; expected auto or one of {', '.join(ISAS)}")
+    return ISAS[isa]
+
+
+def mxfp4_linear(
+    x: torch.Tensor,
+    blocks: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    isa: str = "auto",
+) -> torch.Tensor:
+    """x [T, cols] @ W.T (+ bias) with W [rows, cols] packed as MXFP4 -> [T, rows] float32."""
+    return torch.ops.gpt_oss_cpu.mxfp4_linear(x, blocks, scales, bias, _isa_number(isa))
+
+
+def moe(
+    x: torch.Tensor,
+    router_weight: torch.Tensor,
+    router_bias: torch.Tensor,
+    mlp1: Mxfp4Experts,
+    mlp2: Mxfp4Experts,
+    top_k: int,
+    swiglu_alpha: float,
+    swiglu_limit: float,
+    *,
+    isa: str = "auto",
+) -> torch.Tensor:
+    """`reference.moe` with the experts fused in C++: same routing, same result (to fp32 rounding)."""
+    weights, experts = reference.route(x, router_weight, router_bias, top_k)  # [T, k]
+    return torch.ops.gpt_oss_cpu.moe_experts(
+        x, experts, weights, mlp1.blocks, mlp1.scales, mlp1.bias, mlp2.blocks, mlp2.scales,
+        mlp2.bias, swiglu_alpha, swiglu_limit, _isa_number(isa),
+    )  # fmt: skip

@@ -1,0 +1,198 @@
+"""The fused CPU kernels (`engine/kernels/csrc/mxfp4_cpu.cpp`) against their plain-PyTorch twins.
+
+Every instruction-set path this CPU runs is forced in turn (scalar, AVX2, AVX-512, AVX-512 VNNI):
+the MXFP4 matmul equals dequantize-then-matmul in fp32 over odd shapes and token counts, decodes
+every one of the 16 nibbles under every one of the 256 scales exactly, and the fused mixture of
+experts equals `reference.moe` (fp32: to fp32 rounding; bf16: closer to the exact result than the
+bf16 reference is). Skipped, with the reason, where the extension cannot be built.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.kernels import REFERENCE, cpu_kernels, cpu_mxfp4, reference, select_kernels
+from engine.kernels.mxfp4 import dequantize_mxfp4, quantize_mxfp4
+from engine.model.weights import Mxfp4Experts
+
+if not cpu_mxfp4.load():
+    pytest.skip(
+        "the fused CPU kernels could not be built here (no C++ compiler or ninja?)",
+        allow_module_level=True,
+    )
+
+ISAS = cpu_mxfp4.supported_isas()
+
+
+def random_mxfp4(rows: int, cols: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return quantize_mxfp4(torch.randn(rows, cols, generator=g))
+
+
+def relative_error(ours: torch.Tensor, exact: torch.Tensor) -> float:
+    return ((ours.float() - exact).abs().max() / exact.abs().max().clamp_min(1e-30)).item()
+
+
+def block_max(x: torch.Tensor) -> torch.Tensor:
+    """Each value replaced by the largest magnitude of its block of 32."""
+    amax = x.float().abs().unflatten(-1, (-1, 32)).amax(-1, keepdim=True)
+    return amax.expand(*amax.shape[:-1], 32).flatten(-2)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize(
+    ("rows", "cols", "tokens"),
+    [(1, 32, 1), (3, 64, 2), (37, 96, 3), (64, 160, 4), (129, 224, 5), (70, 2880, 9), (5, 128, 1)],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_equals_dequantize_then_matmul(
+    isa: str, rows: int, cols: int, tokens: int, dtype: torch.dtype
+) -> None:
+    blocks, scales = random_mxfp4(rows, cols, seed=rows * cols)
+    x = torch.randn(tokens, cols, generator=torch.Generator().manual_seed(tokens)).to(dtype)
+    bias = torch.randn(rows)
+    weight = dequantize_mxfp4(blocks, scales, torch.float32)
+    exact = F.linear(x.float(), weight, bias)
+    ours = cpu_mxfp4.mxfp4_linear(x, blocks, scales, bias, isa)
+    assert ours.shape == (tokens, rows) and ours.dtype == torch.float32
+    # Summation order: a few fp32 ulps of the sum of |products|. The int16 path (bf16
+    # activations) also rounds each activation to 2^-16 of its block's largest magnitude.
+    bound = F.linear(x.float().abs(), weight.abs(), bias.abs()) * 1e-6
+    if isa == "avx512vnni" and dtype == torch.bfloat16:
+        bound += F.linear(block_max(x), weight.abs()) * 2**-16
+    assert ((ours - exact).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_nibble_under_every_scale_decodes_exactly(isa: str, dtype: torch.dtype) -> None:
+    """Row r has scale r in both its blocks; its bytes hold all 16 low and 16 high nibbles. One-hot
+    activations read single weights back, exactly: 2^-127 (subnormal) up to the overflow to inf of
+    the largest values under scales 253 and 254. 0xFF (NaN in the MX spec) poisons its row."""
+    cols = 64
+    pattern = torch.arange(16, dtype=torch.uint8) | (torch.arange(15, -1, -1).to(torch.uint8) << 4)
+    g = torch.Generator().manual_seed(0)
+    blocks = torch.stack([pattern[torch.randperm(16, generator=g)] for _ in range(256 * 2)])
+    blocks = blocks.view(256, 2, 16)
+    scales = torch.arange(256, dtype=torch.uint8)[:, None].expand(256, 2).contiguous()
+    eye = torch.eye(cols, dtype=dtype)
+    ours = cpu_mxfp4.mxfp4_linear(eye, blocks, scales, None, isa)  # [t, r] = W[r, t]
+    weight = dequantize_mxfp4(blocks, scales, torch.float32)  # [r, t]
+    torch.testing.assert_close(ours[:, :255], weight[:255].T, rtol=0, atol=0)
+    assert ours[:, 255].isnan().all()
+
+
+def experts(n: int, rows: int, cols: int, seed: int, dtype: torch.dtype) -> Mxfp4Experts:
+    g = torch.Generator().manual_seed(seed)
+    blocks, scales = quantize_mxfp4(torch.randn(n, rows, cols, generator=g) * 0.05)
+    return Mxfp4Experts(blocks, scales, (torch.randn(n, rows, generator=g) * 0.1).to(dtype))
+
+
+def moe_inputs(tokens: int, hidden: int, inter: int, n_experts: int, dtype: torch.dtype, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(tokens, hidden, generator=g) * 3).to(dtype)  # large enough to clamp gates
+    router_w = torch.randn(n_experts, hidden, generator=g).to(dtype)
+    router_b = torch.randn(n_experts, generator=g).to(dtype)
+    mlp1 = experts(n_experts, 2 * inter, hidden, seed + 1, dtype)
+    mlp2 = experts(n_experts, hidden, inter, seed + 2, dtype)
+    return x, router_w, router_b, mlp1, mlp2
+
+
+def as_fp32(e: Mxfp4Experts) -> Mxfp4Experts:
+    return Mxfp4Experts(e.blocks, e.scales, e.bias.float())
+
+
+MOE_SHAPES = [
+    # tokens, hidden, intermediate, experts, top-k
+    (1, 64, 64, 4, 2),
+    (2, 160, 96, 8, 4),  # 5 and 3 blocks: partial quads on both matmuls
+    (3, 96, 32, 3, 3),  # every token on every expert
+    (4, 128, 64, 32, 4),
+    (7, 64, 160, 4, 1),
+    (33, 96, 64, 4, 2),  # experts with many tokens: several token tiles
+]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize(("tokens", "hidden", "inter", "n_experts", "top_k"), MOE_SHAPES)
+def test_moe_equals_reference_fp32(isa, tokens, hidden, inter, n_experts, top_k) -> None:
+    x, rw, rb, mlp1, mlp2 = moe_inputs(tokens, hidden, inter, n_experts, torch.float32, tokens)
+    exact = reference.moe(x, rw, rb, mlp1, mlp2, top_k, 1.702, 7.0)
+    ours = cpu_mxfp4.moe(x, rw, rb, mlp1, mlp2, top_k, 1.702, 7.0, isa=isa)
+    assert ours.dtype == torch.float32 and ours.shape == x.shape
+    assert relative_error(ours, exact) < 5e-6
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize(("tokens", "hidden", "inter", "n_experts", "top_k"), MOE_SHAPES)
+def test_moe_bf16_is_closer_to_exact_than_the_bf16_reference(
+    isa, tokens, hidden, inter, n_experts, top_k
+) -> None:
+    """bf16 in, bf16 out. The exact answer: the bf16 routing (the spec's, both use it), then the
+    experts in fp32 on the same bf16 inputs. The bf16 reference rounds every intermediate to bf16;
+    the kernel only its output (and, on the int16 path, activations to 2^-16 of their block's
+    largest)."""
+    x, rw, rb, mlp1, mlp2 = moe_inputs(tokens, hidden, inter, n_experts, torch.bfloat16, tokens)
+    weights, ids = reference.route(x, rw, rb, top_k)
+    exact = torch.zeros(x.shape)
+    for expert in ids.unique().tolist():
+        rows, slot = torch.where(ids == expert)
+        w1 = dequantize_mxfp4(mlp1.blocks[expert], mlp1.scales[expert], torch.float32)
+        h = reference.swiglu(F.linear(x[rows].float(), w1, mlp1.bias[expert].float()), 1.702, 7.0)
+        w2 = dequantize_mxfp4(mlp2.blocks[expert], mlp2.scales[expert], torch.float32)
+        y = F.linear(h, w2, mlp2.bias[expert].float())
+        exact.index_add_(0, rows, y * weights[rows, slot, None])
+    bf16_reference = reference.moe(x, rw, rb, mlp1, mlp2, top_k, 1.702, 7.0)
+    ours = cpu_mxfp4.moe(x, rw, rb, mlp1, mlp2, top_k, 1.702, 7.0, isa=isa)
+    assert ours.dtype == torch.bfloat16 and ours.shape == x.shape
+    ours_error = (ours.float() - exact).abs()
+    # The output's rounding is up to half a bf16 ulp (2^-9 relative); the int16 rounding of
+    # activations adds 2^-16 of a block's largest, which shows where outputs cancel.
+    assert (ours_error <= exact.abs() * 2**-8 + 1e-4 * exact.abs().max()).all()
+    assert ours_error.norm() <= (bf16_reference.float() - exact).abs().norm()
+
+
+def test_moe_routes_exactly_like_the_reference() -> None:
+    """Routing is the reference's own function: equal ids, equal weights, so results of a token
+    with one dominant expert match closely even through the bf16 paths."""
+    x, rw, rb, mlp1, mlp2 = moe_inputs(5, 64, 64, 4, torch.float32, 3)
+    for isa in ISAS:
+        ours = cpu_mxfp4.moe(x, rw, rb, mlp1, mlp2, 1, 1.702, 7.0, isa=isa)
+        exact = reference.moe(x, rw, rb, mlp1, mlp2, 1, 1.702, 7.0)
+        assert relative_error(ours, exact) < 5e-6
+
+
+def test_backend_selection() -> None:
+    assert select_kernels("auto", "cpu").name == f"cpu-{cpu_mxfp4.best_isa()}"
+    assert select_kernels("reference", "cpu") is REFERENCE
+    assert select_kernels("cpu", "cpu").moe.keywords == {"isa": cpu_mxfp4.best_isa()}
+    with pytest.raises(ValueError, match="unknown kernel backend"):
+        select_kernels("fastest", "cpu")
+    with pytest.raises(ValueError, match="not supported"):
+        cpu_kernels("avx9000")
+
+
+def test_unsupported_isa_is_refused_by_the_extension() -> None:
+    blocks, scales = random_mxfp4(4, 32, seed=0)
+    with pytest.raises(ValueError, match="unknown ISA"):
+        cpu_mxfp4.mxfp4_linear(torch.ones(1, 32), blocks, scales, None, "sse9")
+
+
+def test_without_a_compiler_the_reference_path_is_used_and_says_why(
+    monkeypatch: pytest.MonkeyPatch, tmp_path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A fresh cache (nothing built) and no compiler: no exception, one warning that names the
+    missing compiler and the fallback; `auto` then picks the reference kernels."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CXX", "no-such-compiler-xyz")
+    with caplog.at_level(logging.WARNING, logger="engine.kernels.cpu_mxfp4"):
+        assert cpu_mxfp4.build_and_load() is False
+    assert "no C++ compiler found" in caplog.text and "reference kernels" in caplog.text
+    monkeypatch.setattr(cpu_mxfp4, "load", lambda: False)
+    assert select_kernels("auto", "cpu") is REFERENCE
+    with pytest.raises(RuntimeError, match="could not be built"):
+        select_kernels("cpu", "cpu")
