@@ -9,7 +9,8 @@ server's harmony layer writes it) as opaque text over token ids. This file owns:
 - `GrammarConstraints`, the batch constraint manager: it compiles a matcher when a constrained
   request is added, fills the token bitmasks of a step's constrained rows together (llguidance's
   parallel fill, which releases the GIL) in a worker thread started before the forward and joined
-  before sampling (only the native fill runs there: the forward's Python keeps the GIL), turns
+  before sampling (only the native fill runs there: the forward's Python keeps the GIL; with no
+  core free for it, the fill runs at once instead), turns
   them into one boolean tensor of banned tokens for the sampler (numpy unpacks the bits on the
   CPU; for a GPU the packed bits cross and torch unpacks them there), and advances the matchers
   with the sampled tokens.
@@ -108,8 +109,12 @@ class MaskJob:
 class GrammarConstraints:
     """The matchers of the constrained requests, and their masks step by step."""
 
-    def __init__(self, vocabulary: GrammarVocabulary, vocab_size: int) -> None:
+    def __init__(self, vocabulary: GrammarVocabulary, vocab_size: int, overlap: bool) -> None:
         self.vocab_size = vocab_size  # the model's logits width
+        # Fill the masks in the worker thread while the forward runs (True), or at once when the
+        # step starts: overlap pays only when a core is free for it (the thread handoff costs
+        # ~0.1 ms that a busy core does not earn back; LLMEngine decides).
+        self.overlap = overlap
         self._tokenizer = vocabulary.tokenizer(vocab_size)  # ~1 s for o200k: once, at start-up
         self._words = -(-self._tokenizer.vocab_size // _BITS)
         self._executor = LLExecutor()
@@ -146,13 +151,12 @@ class GrammarConstraints:
         # the forward's Python keeps the interpreter. (This is what
         # llguidance.torch.fill_next_token_bitmask_par does, without importing that module: it
         # pulls in torch.compile's inductor, seconds at start-up.)
-        future = self._worker.submit(
-            self._executor.unsafe_compute_mask_ptr,
-            targets,
-            bitmask.ctypes.data,
-            self._words * 4,
-            len(rows),
-        )
+        args = (targets, bitmask.ctypes.data, self._words * 4, len(rows))
+        if self.overlap:
+            future = self._worker.submit(self._executor.unsafe_compute_mask_ptr, *args)
+        else:
+            future = Future()
+            future.set_result(self._executor.unsafe_compute_mask_ptr(*args))
         return MaskJob(future, bitmask, rows, len(request_ids), self.vocab_size)
 
     def advance(self, sampled: Mapping[str, int]) -> tuple[dict[str, str], list[str]]:

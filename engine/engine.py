@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Callable
@@ -166,11 +167,12 @@ class LLMEngine:
         self.max_request_tokens = min(
             config.max_model_len, (num_blocks.get(FULL, 2) - 1) * config.block_size
         )
-        self.constraints = (
-            None
-            if grammar_vocabulary is None
-            else GrammarConstraints(grammar_vocabulary, mc.vocab_size)
-        )
+        self.constraints = None
+        if grammar_vocabulary is not None:
+            # Masks overlap the forward where a core is free for them: beside a GPU (the host
+            # thread mostly launches kernels), or on a CPU that torch does not fill.
+            overlap = model.device.type != "cpu" or (os.cpu_count() or 1) > torch.get_num_threads()
+            self.constraints = GrammarConstraints(grammar_vocabulary, mc.vocab_size, overlap)
         self.validator = RequestValidator(
             mc.vocab_size, self.max_request_tokens, grammars=self.constraints is not None
         )

@@ -112,9 +112,17 @@ def grammars(enc: HarmonyEncoding) -> ReplyGrammars:
     return ReplyGrammars(enc)
 
 
-def make_engine(model: GptOss, enc: HarmonyEncoding, **config) -> LLMEngine:
+def make_engine(
+    model: GptOss, enc: HarmonyEncoding, overlap: bool | None = None, **config
+) -> LLMEngine:
+    """An engine with the grammar vocabulary; `overlap` forces where masks are filled (the
+    worker thread or the step's own), else the engine decides."""
     config = {"max_num_seqs": 64, "kv_cache_tokens": 65536, "max_model_len": 4096, **config}
-    return LLMEngine(model, EngineConfig(**config), vocabulary(enc))
+    engine = LLMEngine(model, EngineConfig(**config), vocabulary(enc))
+    if overlap is not None:
+        assert engine.constraints is not None
+        engine.constraints.overlap = overlap
+    return engine
 
 
 def prompt(enc: HarmonyEncoding, i: int) -> list[int]:
@@ -182,7 +190,7 @@ def test_required_200_sampled_requests_all_call_a_declared_function_with_valid_a
 ) -> None:
     functions = tuple(FunctionConstraint(name, schema) for name, schema in SCHEMAS.items())
     grammar = grammars.build(ReplyConstraint(functions, require_call=True))
-    engine = make_engine(tiny_model, enc)
+    engine = make_engine(tiny_model, enc, overlap=True)  # masks filled in the worker thread
     jobs = [
         (f"r{i}", prompt(enc, i), sampled(enc, i, grammar, logit_bias=steering(enc)))
         for i in range(N_REQUESTS)
@@ -211,7 +219,7 @@ def test_json_schema_200_sampled_final_answers_all_validate(
 ) -> None:
     schemas = list(SCHEMAS.values())
     built = [grammars.build(ReplyConstraint(final_schema=s)) for s in schemas]
-    engine = make_engine(tiny_model, enc)
+    engine = make_engine(tiny_model, enc, overlap=False)  # masks filled on the step's thread
     jobs = [
         (f"r{i}", prompt(enc, i), sampled(enc, i, built[i % 4], logit_bias=steering(enc)))
         for i in range(N_REQUESTS)
@@ -224,9 +232,10 @@ def test_json_schema_200_sampled_final_answers_all_validate(
         jsonschema.validate(json.loads(final.content[0].text), schemas[int(rid[1:]) % 4])
 
 
+@pytest.mark.parametrize("overlap", [True, False], ids=["worker", "inline"])
 @pytest.mark.parametrize("kind", ["greedy", "seeded"])
 def test_unconstrained_requests_batched_with_constrained_ones_give_their_solo_tokens(
-    tiny_model: GptOss, enc, grammars, kind: str
+    tiny_model: GptOss, enc, grammars, kind: str, overlap: bool
 ) -> None:
     grammar = grammars.build(
         ReplyConstraint((FunctionConstraint("add", SCHEMAS["add"]),), require_call=True)
@@ -243,7 +252,7 @@ def test_unconstrained_requests_batched_with_constrained_ones_give_their_solo_to
         )
 
     jobs = [(f"r{i}", prompt(enc, i), params(i, with_grammar=i % 2 == 0)) for i in range(24)]
-    together = run(make_engine(tiny_model, enc), jobs)
+    together = run(make_engine(tiny_model, enc, overlap), jobs)
     free = [job for job in jobs if job[2].grammar is None]
     alone = LLMEngine(tiny_model, EngineConfig(enable_prefix_caching=False))  # no vocabulary
     for job in free:
@@ -283,7 +292,7 @@ def test_an_abort_drops_the_matcher(tiny_model: GptOss, enc) -> None:
 
 
 def test_a_token_the_grammar_refuses_fails_only_that_request(enc) -> None:
-    constraints = GrammarConstraints(vocabulary(enc), 512)
+    constraints = GrammarConstraints(vocabulary(enc), 512, overlap=True)
     constraints.add("a", 'start: "the"')
     constraints.add("b", 'start: "the"')
     the = enc.encode("the")[0]
@@ -293,7 +302,7 @@ def test_a_token_the_grammar_refuses_fails_only_that_request(enc) -> None:
 
 
 def test_masks_cover_only_the_constrained_rows(enc) -> None:
-    constraints = GrammarConstraints(vocabulary(enc), 512)
+    constraints = GrammarConstraints(vocabulary(enc), 512, overlap=True)
     assert constraints.start_masks(["x", "y"]) is None  # nothing constrained: nothing runs
     constraints.add("b", 'start: "the"')
     job = constraints.start_masks(["a", "b", "c"])
@@ -309,7 +318,7 @@ def test_masks_cover_only_the_constrained_rows(enc) -> None:
 
 def test_the_device_unpacking_of_the_bits_is_the_cpu_one(enc) -> None:
     """On a GPU the packed bits cross and torch unpacks them; on the CPU numpy does."""
-    constraints = GrammarConstraints(vocabulary(enc), 512)
+    constraints = GrammarConstraints(vocabulary(enc), 512, overlap=True)
     for i, grammar in enumerate(['start: "the"', "start: <[0-300]>*", 'start: "x" | <|end|>']):
         constraints.add(f"r{i}", grammar)
     job = constraints.start_masks(["r0", "r1", "r2"])
