@@ -3,9 +3,10 @@
 `reference` (plain PyTorch, `reference.py`) is the specification and the oracle; faster CPU and GPU
 backends plug in here with the same signatures and are tested against it.
 
-`cpu` (`cpu_mxfp4.py`, C++ in `csrc/`) fuses the MXFP4 experts; the other ops stay the
-reference's. It is compiled on first use; where that is impossible (no compiler) `auto` falls
-back to `reference`, and `cpu_mxfp4.load` has logged why.
+`cpu` (`cpu.py`, C++ in `csrc/`) fuses the MXFP4 experts and does RMSNorm, RoPE and attention
+over the paged cache in one call each; RoPE's tables stay the reference's. It is compiled on first
+use; where that is impossible (no compiler) `auto` falls back to `reference`, and `cpu.load` has
+logged why.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.kernels import cpu_mxfp4, reference
+from engine.kernels import cpu, reference
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,19 +42,19 @@ REFERENCE = Kernels(
 
 def cpu_kernels(isa: str = "auto") -> Kernels:
     """The fused CPU kernels on one instruction set (`auto`: the best this CPU has; tests force
-    each of `cpu_mxfp4.supported_isas()`). Raises RuntimeError when they cannot be built."""
-    if not cpu_mxfp4.load():
+    each of `cpu.supported_isas()`). Raises RuntimeError when they cannot be built."""
+    if not cpu.load():
         raise RuntimeError("the fused CPU kernels could not be built (the log says why)")
-    name = cpu_mxfp4.best_isa() if isa == "auto" else isa
-    if name not in cpu_mxfp4.supported_isas():
-        raise ValueError(f"ISA {name!r} is not supported here: {cpu_mxfp4.supported_isas()}")
+    name = cpu.best_isa() if isa == "auto" else isa
+    if name not in cpu.supported_isas():
+        raise ValueError(f"ISA {name!r} is not supported here: {cpu.supported_isas()}")
     return Kernels(
         name=f"cpu-{name}",
-        rms_norm=reference.rms_norm,
+        rms_norm=cpu.rms_norm,
         rope_cos_sin=reference.rope_cos_sin,
-        apply_rope=reference.apply_rope,
-        paged_attention=reference.paged_attention,
-        moe=functools.partial(cpu_mxfp4.moe, isa=name),
+        apply_rope=cpu.apply_rope,
+        paged_attention=cpu.paged_attention,
+        moe=functools.partial(cpu.moe, isa=name),
     )
 
 
@@ -61,7 +62,7 @@ def select_kernels(backend: str = "auto", device: torch.device | str = "cpu") ->
     """The kernels for a device: `auto` picks the fastest backend available there."""
     on_cpu = torch.device(device).type == "cpu"
     if backend == "auto":
-        if on_cpu and cpu_mxfp4.load():
+        if on_cpu and cpu.load():
             return cpu_kernels()
         return REFERENCE
     if backend == "reference":

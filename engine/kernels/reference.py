@@ -99,20 +99,20 @@ def paged_attention(
     if decodes:
         rows = [starts[i] for i in decodes]
         lens = [seq_lens[i] for i in decodes]
-        out[rows] = _attend(
+        out[rows] = attend(
             q[rows], k_cache, v_cache, sinks, group.block_tables[decodes], lens, 1, window, sm_scale
         )
     for i, n_q in enumerate(query_lens):
         if n_q > 1:
             table = group.block_tables[i : i + 1]
             rows = slice(starts[i], starts[i] + n_q)
-            out[rows] = _attend(
+            out[rows] = attend(
                 q[rows], k_cache, v_cache, sinks, table, [seq_lens[i]], n_q, window, sm_scale
             )
     return out.view(n_tokens, n_heads * head_dim)
 
 
-def _attend(
+def attend(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,

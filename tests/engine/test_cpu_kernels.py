@@ -15,17 +15,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.kernels import REFERENCE, cpu_kernels, cpu_mxfp4, reference, select_kernels
+from engine.kernels import REFERENCE, cpu, cpu_kernels, reference, select_kernels
 from engine.kernels.mxfp4 import dequantize_mxfp4, quantize_mxfp4
+from engine.model.forward_batch import CacheGroupBatch
 from engine.model.weights import Mxfp4Experts
 
-if not cpu_mxfp4.load():
+if not cpu.load():
     pytest.skip(
         "the fused CPU kernels could not be built here (no C++ compiler or ninja?)",
         allow_module_level=True,
     )
 
-ISAS = cpu_mxfp4.supported_isas()
+ISAS = cpu.supported_isas()
 
 
 def random_mxfp4(rows: int, cols: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,7 +58,7 @@ def test_linear_equals_dequantize_then_matmul(
     bias = torch.randn(rows)
     weight = dequantize_mxfp4(blocks, scales, torch.float32)
     exact = F.linear(x.float(), weight, bias)
-    ours = cpu_mxfp4.mxfp4_linear(x, blocks, scales, bias, isa)
+    ours = cpu.mxfp4_linear(x, blocks, scales, bias, isa)
     assert ours.shape == (tokens, rows) and ours.dtype == torch.float32
     # Summation order: a few fp32 ulps of the sum of |products|. The int16 path (bf16
     # activations) also rounds each activation to 2^-16 of its block's largest magnitude.
@@ -80,7 +81,7 @@ def test_every_nibble_under_every_scale_decodes_exactly(isa: str, dtype: torch.d
     blocks = blocks.view(256, 2, 16)
     scales = torch.arange(256, dtype=torch.uint8)[:, None].expand(256, 2).contiguous()
     eye = torch.eye(cols, dtype=dtype)
-    ours = cpu_mxfp4.mxfp4_linear(eye, blocks, scales, None, isa)  # [t, r] = W[r, t]
+    ours = cpu.mxfp4_linear(eye, blocks, scales, None, isa)  # [t, r] = W[r, t]
     weight = dequantize_mxfp4(blocks, scales, torch.float32)  # [r, t]
     torch.testing.assert_close(ours[:, :255], weight[:255].T, rtol=0, atol=0)
     assert ours[:, 255].isnan().all()
@@ -122,7 +123,7 @@ MOE_SHAPES = [
 def test_moe_equals_reference_fp32(isa, tokens, hidden, inter, n_experts, top_k) -> None:
     x, rw, rb, mlp1, mlp2 = moe_inputs(tokens, hidden, inter, n_experts, torch.float32, tokens)
     exact = reference.moe(x, rw, rb, mlp1, mlp2, top_k, 1.702, 7.0)
-    ours = cpu_mxfp4.moe(x, rw, rb, mlp1, mlp2, top_k, 1.702, 7.0, isa=isa)
+    ours = cpu.moe(x, rw, rb, mlp1, mlp2, top_k, 1.702, 7.0, isa=isa)
     assert ours.dtype == torch.float32 and ours.shape == x.shape
     assert relative_error(ours, exact) < 5e-6
 
@@ -147,7 +148,7 @@ def test_moe_bf16_is_closer_to_exact_than_the_bf16_reference(
         y = F.linear(h, w2, mlp2.bias[expert].float())
         exact.index_add_(0, rows, y * weights[rows, slot, None])
     bf16_reference = reference.moe(x, rw, rb, mlp1, mlp2, top_k, 1.702, 7.0)
-    ours = cpu_mxfp4.moe(x, rw, rb, mlp1, mlp2, top_k, 1.702, 7.0, isa=isa)
+    ours = cpu.moe(x, rw, rb, mlp1, mlp2, top_k, 1.702, 7.0, isa=isa)
     assert ours.dtype == torch.bfloat16 and ours.shape == x.shape
     ours_error = (ours.float() - exact).abs()
     # The output's rounding is up to half a bf16 ulp (2^-9 relative); the int16 rounding of
@@ -161,15 +162,15 @@ def test_moe_routes_exactly_like_the_reference() -> None:
     with one dominant expert match closely even through the bf16 paths."""
     x, rw, rb, mlp1, mlp2 = moe_inputs(5, 64, 64, 4, torch.float32, 3)
     for isa in ISAS:
-        ours = cpu_mxfp4.moe(x, rw, rb, mlp1, mlp2, 1, 1.702, 7.0, isa=isa)
+        ours = cpu.moe(x, rw, rb, mlp1, mlp2, 1, 1.702, 7.0, isa=isa)
         exact = reference.moe(x, rw, rb, mlp1, mlp2, 1, 1.702, 7.0)
         assert relative_error(ours, exact) < 5e-6
 
 
 def test_backend_selection() -> None:
-    assert select_kernels("auto", "cpu").name == f"cpu-{cpu_mxfp4.best_isa()}"
+    assert select_kernels("auto", "cpu").name == f"cpu-{cpu.best_isa()}"
     assert select_kernels("reference", "cpu") is REFERENCE
-    assert select_kernels("cpu", "cpu").moe.keywords == {"isa": cpu_mxfp4.best_isa()}
+    assert select_kernels("cpu", "cpu").moe.keywords == {"isa": cpu.best_isa()}
     with pytest.raises(ValueError, match="unknown kernel backend"):
         select_kernels("fastest", "cpu")
     with pytest.raises(ValueError, match="not supported"):
@@ -179,7 +180,7 @@ def test_backend_selection() -> None:
 def test_unsupported_isa_is_refused_by_the_extension() -> None:
     blocks, scales = random_mxfp4(4, 32, seed=0)
     with pytest.raises(ValueError, match="unknown ISA"):
-        cpu_mxfp4.mxfp4_linear(torch.ones(1, 32), blocks, scales, None, "sse9")
+        cpu.mxfp4_linear(torch.ones(1, 32), blocks, scales, None, "sse9")
 
 
 def test_without_a_compiler_the_reference_path_is_used_and_says_why(
@@ -189,10 +190,104 @@ def test_without_a_compiler_the_reference_path_is_used_and_says_why(
     missing compiler and the fallback; `auto` then picks the reference kernels."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setenv("CXX", "no-such-compiler-xyz")
-    with caplog.at_level(logging.WARNING, logger="engine.kernels.cpu_mxfp4"):
-        assert cpu_mxfp4.build_and_load() is False
+    with caplog.at_level(logging.WARNING, logger="engine.kernels.cpu"):
+        assert cpu.build_and_load() is False
     assert "no C++ compiler found" in caplog.text and "reference kernels" in caplog.text
-    monkeypatch.setattr(cpu_mxfp4, "load", lambda: False)
+    monkeypatch.setattr(cpu, "load", lambda: False)
     assert select_kernels("auto", "cpu") is REFERENCE
     with pytest.raises(RuntimeError, match="could not be built"):
         select_kernels("cpu", "cpu")
+
+
+# --- the dense-side ops: RMSNorm, RoPE, paged attention ------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 64), (5, 2880), (3, 4, 16)])
+def test_rms_norm_equals_reference(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    g = torch.Generator().manual_seed(len(shape))
+    x = (torch.randn(shape, generator=g) * 4).to(dtype)
+    weight = 1 + torch.randn(shape[-1], generator=g) * 0.1
+    ours, theirs = cpu.rms_norm(x, weight, 1e-5), reference.rms_norm(x, weight, 1e-5)
+    assert ours.dtype == dtype and ours.shape == x.shape
+    # Only the sum of squares differs (fp64 here, pairwise fp32 there): a few fp32 ulps, or a
+    # flipped bf16 rounding.
+    ulp = 2**-20 if dtype == torch.float32 else 2**-7
+    torch.testing.assert_close(ours, theirs, rtol=ulp, atol=ulp)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_apply_rope_is_bit_identical_to_reference(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(0)
+    positions = torch.tensor([0, 1, 7, 300, 4097])
+    inv_freq, concentration = reference.yarn_inv_freq(64, 150000.0, 32.0, 4096, 1.0, 32.0)
+    cos, sin = reference.rope_cos_sin(positions, inv_freq, concentration)
+    x = torch.randn(5, 8, 64, generator=g).to(dtype)
+    assert torch.equal(cpu.apply_rope(x, cos, sin), reference.apply_rope(x, cos, sin))
+
+
+def paged_case(dtype: torch.dtype, query_lens: list[int], seq_lens: list[int], seed: int = 0):
+    """Caches filled with random K/V, each sequence's blocks scattered in a shuffled pool, and
+    this step's q, k, v."""
+    g = torch.Generator().manual_seed(seed)
+    n_heads, n_kv, d, block = 8, 2, 16, 16
+    width = max(-(-s // block) for s in seq_lens)
+    pool = torch.randperm(len(seq_lens) * width + 4, generator=g)[: len(seq_lens) * width] + 1
+    tables = pool.view(len(seq_lens), width)
+    n_blocks = int(pool.max()) + 1
+    k_cache = torch.randn(n_blocks, block, n_kv, d, generator=g).to(dtype)
+    v_cache = torch.randn(n_blocks, block, n_kv, d, generator=g).to(dtype)
+    slots = []
+    for i, (n_q, s) in enumerate(zip(query_lens, seq_lens, strict=True)):
+        slots += [int(tables[i, p // block]) * block + p % block for p in range(s - n_q, s)]
+    t = sum(query_lens)
+    q = torch.randn(t, n_heads, d, generator=g).to(dtype)
+    k = torch.randn(t, n_kv, d, generator=g).to(dtype)
+    v = torch.randn(t, n_kv, d, generator=g).to(dtype)
+    sinks = torch.randn(n_heads, generator=g)
+    group = CacheGroupBatch(block_tables=tables, slot_mapping=torch.tensor(slots))
+    return q, k, v, k_cache, v_cache, sinks, group
+
+
+ATTENTION_CASES = [
+    ([1], [1]),  # a first token: itself and the sink
+    ([1, 1, 1], [17, 40, 3]),  # decodes of different lengths
+    ([1, 3, 20, 1], [50, 33, 20, 100]),  # decodes, a short chunk, a long (reference) chunk
+    ([5], [300]),  # a chunk deep into a long context: several key chunks
+]
+
+
+@pytest.mark.parametrize("window", [None, 8, 128])
+@pytest.mark.parametrize(("query_lens", "seq_lens"), ATTENTION_CASES)
+def test_paged_attention_equals_reference_fp32(query_lens, seq_lens, window) -> None:
+    args = paged_case(torch.float32, query_lens, seq_lens)
+    q, k, v, k_cache, v_cache, sinks, group = args
+    ours_cache = (k_cache.clone(), v_cache.clone())
+    theirs = reference.paged_attention(
+        q, k, v, k_cache, v_cache, sinks, group, tuple(query_lens), tuple(seq_lens), window, 0.25
+    )
+    ours = cpu.paged_attention(
+        q, k, v, *ours_cache, sinks, group, tuple(query_lens), tuple(seq_lens), window, 0.25
+    )
+    assert torch.equal(ours_cache[0], k_cache) and torch.equal(ours_cache[1], v_cache)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("query_lens", "seq_lens"), ATTENTION_CASES)
+def test_paged_attention_bf16_is_as_close_to_exact_as_reference(query_lens, seq_lens) -> None:
+    """bf16: the reference rounds scores and probabilities to bf16, the kernel only its output."""
+    q, k, v, k_cache, v_cache, sinks, group = paged_case(torch.bfloat16, query_lens, seq_lens)
+    lens = (tuple(query_lens), tuple(seq_lens))
+    exact = reference.paged_attention(
+        q.float(), k.float(), v.float(), k_cache.float(), v_cache.float(), sinks, group, *lens,
+        16, 0.25,
+    )  # fmt: skip
+    theirs = reference.paged_attention(
+        q, k, v, k_cache.clone(), v_cache.clone(), sinks, group, *lens, 16, 0.25
+    )
+    ours = cpu.paged_attention(q, k, v, k_cache, v_cache, sinks, group, *lens, 16, 0.25)
+    assert ours.dtype == torch.bfloat16
+    ours_error = (ours.float() - exact).abs()
+    fused = torch.tensor([n <= cpu.MAX_FUSED_QUERIES for n in query_lens for _ in range(n)])
+    assert (ours_error <= exact.abs() * 2**-8 + 1e-3)[fused].all()  # longer: the reference's
+    assert ours_error.norm() <= (theirs.float() - exact).abs().norm()

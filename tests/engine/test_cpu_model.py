@@ -15,19 +15,19 @@ import pytest
 import torch
 
 from engine.engine import EngineConfig, LLMEngine
-from engine.kernels import REFERENCE, Kernels, cpu_kernels, cpu_mxfp4
+from engine.kernels import REFERENCE, Kernels, cpu, cpu_kernels
 from engine.model.forward_batch import SequenceChunk, build_forward_batch
 from engine.model.gpt_oss import GptOss
 from engine.model.weights import load_weights
 from engine.sampler import SamplingParams
 
-if not cpu_mxfp4.load():
+if not cpu.load():
     pytest.skip(
         "the fused CPU kernels could not be built here (no C++ compiler or ninja?)",
         allow_module_level=True,
     )
 
-ISAS = cpu_mxfp4.supported_isas()
+ISAS = cpu.supported_isas()
 BLOCK = 16
 
 

@@ -46,10 +46,7 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#define GPTOSS_X86 1
-#include <immintrin.h>
-#endif
+#include "simd.h"
 
 namespace gptoss_cpu {
 
@@ -174,8 +171,6 @@ void rows_scalar(const Mx& w, int64_t r0, int64_t r1, const void* const* xs, int
 
 #if GPTOSS_X86
 
-#define GPTOSS_AVX2 __attribute__((target("avx2,fma")))
-#define GPTOSS_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")))
 #define GPTOSS_AVX512VNNI \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma")))
 
@@ -289,24 +284,6 @@ GPTOSS_AVX512 void prepare_q16_avx512(const float* x, int64_t cols, uint8_t* dst
       _mm512_storeu_si512(quad + 64 * k, _mm512_mask_blend_epi16(0xFFFF0000u, first, last));
     }
   }
-}
-
-// exp(x) for fp32 lanes, to about 1 ulp: x = n ln2 + r with |r| <= ln2 / 2, a degree-7 polynomial
-// for exp(r) (Cephes' expf coefficients), then scalef multiplies by 2^n without overflow.
-GPTOSS_AVX512 inline __m512 exp512(__m512 x) {
-  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.7f)), _mm512_set1_ps(-103.9f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
 }
 
 // SwiGLU of 16 (gate, linear) pairs, gate and linear with their biases already added.

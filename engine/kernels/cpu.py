@@ -1,9 +1,13 @@
-"""The compiled CPU kernels (`csrc/mxfp4_cpu.cpp`): built on first use, loaded, and called.
+"""The compiled CPU kernels (`csrc/*.cpp`): built on first use, loaded, and called.
 
-The C++ source is compiled once per machine with `torch.utils.cpp_extension` (a C++ compiler and
-ninja are needed) into a cache directory named by a hash of the source, the flags and the torch
-and Python versions, so an edited source or another torch builds afresh and an unchanged one is
-only loaded. When it cannot be built (no compiler, a failed build, a cache that cannot be written)
+`csrc/mxfp4_cpu.cpp` holds the fused MXFP4 experts, `csrc/attention_cpu.cpp` RMSNorm, RoPE and
+attention over the paged cache; the functions here wrap them with the signatures of
+`reference.py`, their specification.
+
+The C++ sources are compiled once per machine with `torch.utils.cpp_extension` (a C++ compiler
+and ninja are needed) into a cache directory named by a hash of the sources, the flags and the
+torch and Python versions, so an edited source or another torch builds afresh and an unchanged one
+is only loaded. When it cannot be built (no compiler, a failed build, a cache that cannot be written)
 `load()` logs why, once, and returns False: callers then use the PyTorch reference kernels.
 
 The instruction set is picked at run time (`best_isa()`); every op takes an `isa` argument so
@@ -28,13 +32,17 @@ import torch
 from torch.utils import cpp_extension
 
 from engine.kernels import reference
+from engine.model.forward_batch import CacheGroupBatch
 from engine.model.weights import Mxfp4Experts
 
 logger = logging.getLogger(__name__)
 
 # Paths in the order of preference of the C++ code's dispatch (higher is faster).
 ISAS: dict[str, int] = {"scalar": 0, "avx2": 1, "avx512": 2, "avx512vnni": 3}
-_SOURCE = Path(__file__).resolve().parent / "csrc" / "mxfp4_cpu.cpp"
+_SOURCES = tuple(
+    Path(__file__).resolve().parent / "csrc" / name
+    for name in ("mxfp4_cpu.cpp", "attention_cpu.cpp")
+)
 _NAME = "gpt_oss_cpu_kernels"
 # No -march: the library must run on any x86-64 (the cache may be shared by a container image
 # built elsewhere); each vector path carries its own target attribute and is chosen at run time.
@@ -47,7 +55,8 @@ def _cache_root() -> Path:
 
 
 def _build_key() -> str:
-    digest = hashlib.sha256(_SOURCE.read_bytes())
+    headers = sorted(_SOURCES[0].parent.glob("*.h"))
+    digest = hashlib.sha256(b"".join(path.read_bytes() for path in (*_SOURCES, *headers)))
     tags = (torch.__version__, sys.version.split()[0], platform.machine(), *_CFLAGS)
     digest.update("\0".join(tags).encode())
     return digest.hexdigest()[:16]
@@ -102,7 +111,7 @@ def build_and_load() -> bool:
         start = time.perf_counter()
         cpp_extension.load(
             name=_NAME,
-            sources=[str(_SOURCE)],
+            sources=[str(source) for source in _SOURCES],
             extra_cflags=list(_CFLAGS),
             build_directory=str(directory),
             is_python_module=False,
@@ -166,3 +175,50 @@ def moe(
         x, experts, weights, mlp1.blocks, mlp1.scales, mlp1.bias, mlp2.blocks, mlp2.scales,
         mlp2.bias, swiglu_alpha, swiglu_limit, _isa_number(isa),
     )  # fmt: skip
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`reference.rms_norm` in one call."""
+    return torch.ops.gpt_oss_cpu.rms_norm(x, weight, eps)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`reference.apply_rope` in one call (bit-identical: the same roundings in x's dtype)."""
+    return torch.ops.gpt_oss_cpu.apply_rope(x, cos, sin)
+
+
+# Chunks up to this many tokens are attended in C++ (decodes, short chunks); longer ones (prefill)
+# by the reference's batched matmuls, which beat a per-query loop there.
+MAX_FUSED_QUERIES = 16
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    sinks: torch.Tensor,
+    group: CacheGroupBatch,
+    query_lens: tuple[int, ...],
+    seq_lens: tuple[int, ...],
+    window: int | None,
+    sm_scale: float,
+) -> torch.Tensor:
+    """`reference.paged_attention`: K/V written to the cache, then attention read through the block
+    tables in place (fp32 scores, softmax and sums; no gathered copy of the keys)."""
+    n_tokens, n_heads, head_dim = q.shape
+    out = torch.ops.gpt_oss_cpu.paged_attention(
+        q, k, v, k_cache, v_cache, sinks, group.slot_mapping, group.block_tables,
+        list(query_lens), list(seq_lens), window or 0, sm_scale, MAX_FUSED_QUERIES,
+    )  # fmt: skip
+    start = 0
+    for i, n_q in enumerate(query_lens):
+        if n_q > MAX_FUSED_QUERIES:
+            table = group.block_tables[i : i + 1]
+            out[start : start + n_q] = reference.attend(
+                q[start : start + n_q], k_cache, v_cache, sinks, table, [seq_lens[i]], n_q,
+                window, sm_scale,
+            )  # fmt: skip
+        start += n_q
+    return out.view(n_tokens, n_heads * head_dim)
