@@ -195,16 +195,28 @@ def _apply(choice: Choice, deltas: list[ChatDelta]) -> list[ChatDelta]:
     return shown
 
 
-def _logprob_entries(svc: Services, output: RequestOutput) -> list[dict]:
-    entries = []
-    for token, lp in zip(output.new_token_ids, output.new_logprobs or (), strict=False):
-        entries.append(
-            {
-                **_token_entry(svc, token, lp.logprob),
-                "top_logprobs": [_token_entry(svc, t, v) for t, v in lp.top],
-            }
-        )
-    return entries
+def _feed(
+    svc: Services, choice: Choice, output: RequestOutput, logprobs: bool
+) -> tuple[list[ChatDelta], list[dict]]:
+    """The deltas an output's tokens make, and the logprob entries of the tokens that wrote
+    content. With logprobs asked the tokens reach the mapper one at a time: an output can hold
+    several steps' tokens (outputs that queued up are coalesced), say a header's last token and
+    the content's first, and only content tokens have an entry."""
+    if not logprobs:
+        return _apply(choice, choice.mapper.feed(output.new_token_ids)), []
+    deltas: list[ChatDelta] = []
+    entries: list[dict] = []
+    for token, lp in zip(output.new_token_ids, output.new_logprobs or (), strict=True):
+        shown = _apply(choice, choice.mapper.feed((token,)))
+        deltas += shown
+        if any(d.content for d in shown):
+            entries.append(
+                {
+                    **_token_entry(svc, token, lp.logprob),
+                    "top_logprobs": [_token_entry(svc, t, v) for t, v in lp.top],
+                }
+            )
+    return deltas, entries
 
 
 def _token_entry(svc: Services, token: int, logprob: float) -> dict:
@@ -223,9 +235,8 @@ async def _collect(
     try:
         async for output in stream:
             choice.observe(output)
-            deltas = _apply(choice, choice.mapper.feed(output.new_token_ids))
-            if body.logprobs and any(d.content for d in deltas):
-                choice.logprobs.extend(_logprob_entries(svc, output))
+            _, entries = _feed(svc, choice, output, bool(body.logprobs))
+            choice.logprobs.extend(entries)
             if choice.stopped_by_string:
                 break
     finally:
@@ -368,13 +379,14 @@ async def _stream(
                 yield chunk(choice.index, {}, _finish_reason(choice))
                 continue
             choice.observe(output)
-            deltas = _apply(choice, choice.mapper.feed(output.new_token_ids))
-            logprobs = None
-            if body.logprobs and any(d.content for d in deltas):
-                logprobs = {"content": _logprob_entries(svc, output), "refusal": None}
+            deltas, entries = _feed(svc, choice, output, bool(body.logprobs))
             for delta in deltas:
                 if (piece := _delta_json(delta, body, settings)) is not None:
-                    yield chunk(choice.index, piece, logprobs=logprobs if delta.content else None)
+                    # The output's entries ride on its first content chunk, once.
+                    logprobs = None
+                    if delta.content and entries:
+                        logprobs, entries = {"content": entries, "refusal": None}, []
+                    yield chunk(choice.index, piece, logprobs=logprobs)
         if include_usage:
             usage = {
                 **head,
