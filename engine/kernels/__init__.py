@@ -3,8 +3,9 @@
 `reference` (plain PyTorch, `reference.py`) is the specification and the oracle; faster CPU and GPU
 backends plug in here with the same signatures and are tested against it.
 
-`cpu` (`cpu.py`, C++ in `csrc/`) fuses the MXFP4 experts and does RMSNorm, RoPE and attention
-over the paged cache in one call each; RoPE's tables stay the reference's. It is compiled on first
+`cpu` (`cpu.py`, C++ in `csrc/`) fuses the MXFP4 experts, streams the bf16 matmuls of decode
+steps, and does RMSNorm, RoPE and attention over the paged cache in one call each; RoPE's tables
+stay the reference's. It is compiled on first
 use; where that is impossible (no compiler) `auto` falls back to `reference`, and `cpu.load` has
 logged why.
 """
@@ -16,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from engine.kernels import cpu, reference
 
@@ -23,6 +25,7 @@ from engine.kernels import cpu, reference
 @dataclass(frozen=True, slots=True)
 class Kernels:
     name: str
+    linear: Callable[..., torch.Tensor]  # F.linear's signature: the dense (bf16) matmuls
     rms_norm: Callable[..., torch.Tensor]
     rope_cos_sin: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     apply_rope: Callable[..., torch.Tensor]
@@ -32,6 +35,7 @@ class Kernels:
 
 REFERENCE = Kernels(
     name="reference",
+    linear=F.linear,
     rms_norm=reference.rms_norm,
     rope_cos_sin=reference.rope_cos_sin,
     apply_rope=reference.apply_rope,
@@ -50,6 +54,7 @@ def cpu_kernels(isa: str = "auto") -> Kernels:
         raise ValueError(f"ISA {name!r} is not supported here: {cpu.supported_isas()}")
     return Kernels(
         name=f"cpu-{name}",
+        linear=cpu.linear,
         rms_norm=cpu.rms_norm,
         rope_cos_sin=reference.rope_cos_sin,
         apply_rope=cpu.apply_rope,

@@ -1,8 +1,8 @@
 """The compiled CPU kernels (`csrc/*.cpp`): built on first use, loaded, and called.
 
-`csrc/mxfp4_cpu.cpp` holds the fused MXFP4 experts, `csrc/attention_cpu.cpp` RMSNorm, RoPE and
-attention over the paged cache; the functions here wrap them with the signatures of
-`reference.py`, their specification.
+`csrc/mxfp4_cpu.cpp` holds the fused MXFP4 experts; `csrc/dense_cpu.cpp` the bf16 matmuls of
+decode steps, RMSNorm, RoPE and attention over the paged cache. The functions here wrap them with
+the signatures of `reference.py` (and `F.linear`), their specification.
 
 The C++ sources are compiled once per machine with `torch.utils.cpp_extension` (a C++ compiler
 and ninja are needed) into a cache directory named by a hash of the sources, the flags and the
@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch.utils import cpp_extension
 
 from engine.kernels import reference
@@ -40,8 +41,7 @@ logger = logging.getLogger(__name__)
 # Paths in the order of preference of the C++ code's dispatch (higher is faster).
 ISAS: dict[str, int] = {"scalar": 0, "avx2": 1, "avx512": 2, "avx512vnni": 3}
 _SOURCES = tuple(
-    Path(__file__).resolve().parent / "csrc" / name
-    for name in ("mxfp4_cpu.cpp", "attention_cpu.cpp")
+    Path(__file__).resolve().parent / "csrc" / name for name in ("mxfp4_cpu.cpp", "dense_cpu.cpp")
 )
 _NAME = "gpt_oss_cpu_kernels"
 # No -march: the library must run on any x86-64 (the cache may be shared by a container image
@@ -170,11 +170,36 @@ def moe(
     isa: str = "auto",
 ) -> torch.Tensor:
     """`reference.moe` with the experts fused in C++: same routing, same result (to fp32 rounding)."""
-    weights, experts = reference.route(x, router_weight, router_bias, top_k)  # [T, k]
+    logits = linear(x, router_weight, router_bias)  # [T, E]: the reference's route, same ops
+    top_logits, experts = torch.topk(logits, top_k, dim=-1, sorted=True)
+    weights = torch.softmax(top_logits.float(), dim=-1)
     return torch.ops.gpt_oss_cpu.moe_experts(
         x, experts, weights, mlp1.blocks, mlp1.scales, mlp1.bias, mlp2.blocks, mlp2.scales,
         mlp2.bias, swiglu_alpha, swiglu_limit, _isa_number(isa),
     )  # fmt: skip
+
+
+# The bf16 matrix-vector kernel covers up to this many tokens (decode steps); more go to PyTorch
+# (oneDNN, on AMX where present), which is compute-bound there and does better.
+MAX_LINEAR_TOKENS = 4
+
+
+@functools.cache
+def _linear_supported() -> bool:
+    return bool(torch.ops.gpt_oss_cpu.linear_supported())
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear`; bf16 x of 1..4 tokens with a bf16 weight goes to the streaming C++ kernel."""
+    if (
+        x.dim() == 2
+        and 1 <= x.shape[0] <= MAX_LINEAR_TOKENS
+        and x.dtype == weight.dtype == torch.bfloat16
+        and (bias is None or bias.dtype == torch.bfloat16)
+        and _linear_supported()
+    ):
+        return torch.ops.gpt_oss_cpu.linear(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

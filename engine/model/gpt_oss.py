@@ -20,7 +20,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from engine.config import SLIDING, ModelConfig
 from engine.kernels import Kernels, select_kernels
@@ -96,9 +95,9 @@ class GptOss:
     ) -> torch.Tensor:
         c, k = self.config, self.kernels
         t = k.rms_norm(x, w.norm, c.rms_norm_eps)
-        q = F.linear(t, w.q_weight, w.q_bias).view(-1, c.num_attention_heads, c.head_dim)
-        key = F.linear(t, w.k_weight, w.k_bias).view(-1, c.num_key_value_heads, c.head_dim)
-        value = F.linear(t, w.v_weight, w.v_bias).view(-1, c.num_key_value_heads, c.head_dim)
+        q = k.linear(t, w.q_weight, w.q_bias).view(-1, c.num_attention_heads, c.head_dim)
+        key = k.linear(t, w.k_weight, w.k_bias).view(-1, c.num_key_value_heads, c.head_dim)
+        value = k.linear(t, w.v_weight, w.v_bias).view(-1, c.num_key_value_heads, c.head_dim)
         q, key = k.apply_rope(q, cos, sin), k.apply_rope(key, cos, sin)
         layer_type = c.layer_types[layer]
         window = c.sliding_window if layer_type == SLIDING else None
@@ -108,7 +107,7 @@ class GptOss:
         attended = k.paged_attention(
             q, key, value, cache_k, cache_v, w.sinks, groups, qlens, slens, window, self.sm_scale
         )
-        return F.linear(attended, w.o_weight, w.o_bias)
+        return k.linear(attended, w.o_weight, w.o_bias)
 
     def _moe(self, w: MoEWeights, x: torch.Tensor) -> torch.Tensor:
         c = self.config
@@ -121,4 +120,4 @@ class GptOss:
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits [N, V] in float32 for the given final hidden states [N, H]."""
-        return F.linear(hidden, self.weights.unembedding).float()
+        return self.kernels.linear(hidden, self.weights.unembedding).float()

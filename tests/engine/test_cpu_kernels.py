@@ -291,3 +291,20 @@ def test_paged_attention_bf16_is_as_close_to_exact_as_reference(query_lens, seq_
     fused = torch.tensor([n <= cpu.MAX_FUSED_QUERIES for n in query_lens for _ in range(n)])
     assert (ours_error <= exact.abs() * 2**-8 + 1e-3)[fused].all()  # longer: the reference's
     assert ours_error.norm() <= (theirs.float() - exact).abs().norm()
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize(("rows", "cols"), [(1, 16), (7, 100), (129, 2880), (64, 4096)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_equals_f_linear(tokens: int, rows: int, cols: int, with_bias: bool) -> None:
+    """bf16 in and out, fp32 sums rounded once: PyTorch's result up to one bf16 rounding flip
+    (the order of the sum differs). Five tokens go to PyTorch itself."""
+    g = torch.Generator().manual_seed(rows + cols)
+    x = torch.randn(tokens, cols, generator=g).bfloat16()
+    weight = torch.randn(rows, cols, generator=g).bfloat16()
+    bias = torch.randn(rows, generator=g).bfloat16() if with_bias else None
+    ours, theirs = cpu.linear(x, weight, bias), F.linear(x, weight, bias)
+    assert ours.dtype == torch.bfloat16 and ours.shape == (tokens, rows)
+    exact = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+    torch.testing.assert_close(ours.float(), exact, rtol=2**-8, atol=1e-5 * cols**0.5)
+    assert ((ours.float() - theirs.float()).abs() <= theirs.float().abs() * 2**-7 + 1e-5).all()

@@ -1,9 +1,16 @@
-// The CPU backend's dense-side ops: RMSNorm, RoPE and attention over the paged KV cache.
+// The CPU backend's dense-side ops: bf16 matmuls of a few tokens (the decode step's qkv, out,
+// router and unembedding), RMSNorm, RoPE and attention over the paged KV cache.
 //
-// They exist to cut what a decode step spends between the big matmuls: the reference states each
-// of these in 7 to 40 small tensor ops, so a 24-layer step issued ~1,800 of them. Here each is one
-// call, reads its inputs where they lie (the cache through the block table, without gathering
-// keys into a new tensor) and keeps dtypes as the reference does (`reference.py` is the spec).
+// A decode step reads two thirds of its bytes through the bf16 matmuls; at one to four tokens
+// they are matrix-vector products, bound by memory bandwidth. `linear` streams each weight row
+// once for all tokens, converting bf16 to fp32 in registers (exact) and prefetching rows ahead;
+// PyTorch's bf16 GEMV reached 7 GB/s on one core here, this loop 12.
+//
+// The other ops exist to cut what a decode step spends between the big matmuls: the reference
+// states each of them in 7 to 40 small tensor ops, so a 24-layer step issued ~1,800 of them. Here
+// each is one call, reads its inputs where they lie (the cache through the block table, without
+// gathering keys into a new tensor) and keeps dtypes as the reference does (`reference.py` is the
+// spec).
 //
 // Attention computes the sequences whose chunk has at most `max_queries` tokens (decodes, short
 // chunks): flash-style, keys in chunks with a running maximum, fp32 throughout, the learned sink
@@ -70,6 +77,103 @@ void check_float(const at::Tensor& t, const char* what) {
 
 }  // namespace
 
+#if GPTOSS_X86
+
+// y[t * ys + r + i] = sum_c W[r + i, c] x[t, c] for i < NR: W bf16 [., cols], x fp32 [NT, cols].
+template <int NR, int NT>
+GPTOSS_AVX512 void linear_rows_tile(const uint16_t* w, int64_t cols, int64_t r, const float* x,
+                                    float* y, int64_t ys) {
+  __m512 acc[NR][NT];
+  for (int i = 0; i < NR; ++i)
+    for (int t = 0; t < NT; ++t) acc[i][t] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < cols; c += 16) {
+    const __mmask16 m = cols - c >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (cols - c)) - 1);
+    __m512 wv[NR];
+    for (int i = 0; i < NR; ++i) {
+      const uint16_t* p = w + (r + i) * cols + c;
+      if ((c & 31) == 0) _mm_prefetch(reinterpret_cast<const char*>(p + NR * cols), _MM_HINT_T0);
+      wv[i] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+    }
+    for (int t = 0; t < NT; ++t) {
+      const __m512 xv = _mm512_maskz_loadu_ps(m, x + t * cols + c);
+      for (int i = 0; i < NR; ++i) acc[i][t] = _mm512_fmadd_ps(wv[i], xv, acc[i][t]);
+    }
+  }
+  for (int i = 0; i < NR; ++i)
+    for (int t = 0; t < NT; ++t) y[t * ys + r + i] = _mm512_reduce_add_ps(acc[i][t]);
+}
+
+template <int NT>
+GPTOSS_AVX512 void linear_rows(const uint16_t* w, int64_t cols, int64_t n, const float* x,
+                               float* y, int64_t ys) {
+  int64_t r = 0;
+  for (; r + 4 <= n; r += 4) linear_rows_tile<4, NT>(w, cols, r, x, y, ys);
+  for (; r < n; ++r) linear_rows_tile<1, NT>(w, cols, r, x, y, ys);
+}
+
+#endif  // GPTOSS_X86
+
+bool linear_supported();
+
+// x [T, cols] bf16 @ W.T (+ bias) for W [rows, cols] bf16 and T <= 4: fp32 accumulation, the
+// result rounded to bf16 once (as PyTorch's bf16 matmul does). Needs AVX-512 (callers check
+// `linear_supported`).
+at::Tensor linear(const at::Tensor& x_in, const at::Tensor& weight_in,
+                  const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x_in.dim() == 2 && weight_in.dim() == 2 && x_in.size(1) == weight_in.size(1),
+              "linear: x [T, cols] and weight [rows, cols]");
+  TORCH_CHECK(x_in.scalar_type() == at::kBFloat16 && weight_in.scalar_type() == at::kBFloat16,
+              "linear: bf16 x and weight");
+  const int64_t T = x_in.size(0), cols = x_in.size(1), rows = weight_in.size(0);
+  TORCH_CHECK(T >= 1 && T <= 4, "linear: 1 to 4 tokens");
+  const at::Tensor weight = weight_in.contiguous();  // a no-op for the mapped weights
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor b;
+  if (bias.has_value()) {
+    b = bias->to(at::kFloat).contiguous();
+    TORCH_CHECK(b.numel() == rows, "linear: bias [rows]");
+  }
+  at::Tensor y = at::empty({T, rows}, x.options());
+#if GPTOSS_X86
+  TORCH_CHECK(linear_supported(), "linear needs AVX-512");
+  std::vector<float> xf(T * cols);
+  const auto* xb = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  for (int64_t i = 0; i < T * cols; ++i) xf[i] = bf16_bits_to_f32(xb[i]);
+  const auto* w = reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>());
+  const float* bp = bias.has_value() ? b.data_ptr<float>() : nullptr;
+  auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
+  constexpr int64_t kRows = 64;
+  // Chunks of 64 rows: a few hundred work items for big matrices, whole cache lines of output.
+  at::parallel_for(0, (rows + kRows - 1) / kRows, 1, [&](int64_t c0, int64_t c1) {
+    float tile[4 * kRows];
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t r0 = c * kRows, n = std::min(rows, r0 + kRows) - r0;
+      const uint16_t* wc = w + r0 * cols;
+      switch (T) {
+        case 1: linear_rows<1>(wc, cols, n, xf.data(), tile, kRows); break;
+        case 2: linear_rows<2>(wc, cols, n, xf.data(), tile, kRows); break;
+        case 3: linear_rows<3>(wc, cols, n, xf.data(), tile, kRows); break;
+        default: linear_rows<4>(wc, cols, n, xf.data(), tile, kRows); break;
+      }
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t i = 0; i < n; ++i)
+          yp[t * rows + r0 + i] = f32_to_bf16_bits(tile[t * kRows + i] + (bp ? bp[r0 + i] : 0.0f));
+    }
+  });
+#else
+  TORCH_CHECK(false, "linear needs AVX-512");
+#endif
+  return y;
+}
+
+bool linear_supported() {
+#if GPTOSS_X86
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+#else
+  return false;
+#endif
+}
+
 // x * rsqrt(mean(x^2) + eps) * weight over the last dim, in fp32 (weight fp32), in x's dtype.
 at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& weight_in, double eps) {
   check_float(x_in, "x");
@@ -131,16 +235,19 @@ constexpr int64_t kKeyChunk = 128;
 // One query position's attention for the `group` query heads of KV head `g`, online softmax over
 // its visible keys [lo, hi], then the sink. q: group * d fp32 (already scaled); out: group * d.
 struct Attend {
-  const at::Tensor* k_cache;
-  const at::Tensor* v_cache;
+  const uint8_t* k_base;  // the caches' storage
+  const uint8_t* v_base;
   const int64_t* table;  // this sequence's block table
-  int64_t block_size, n_kv, d, group, g;
+  int64_t block_size, row_bytes, head_bytes, d, group, g;
 
-  const uint8_t* row(const at::Tensor& cache, int64_t pos) const {
+  // Where position `pos`'s row for KV head g lies in a cache (block_size is a power of two in
+  // practice, but a division per key is cheap next to the 2 * d * group FLOPs it serves).
+  int64_t offset(int64_t pos) const {
     const int64_t slot = table[pos / block_size] * block_size + pos % block_size;
-    return static_cast<const uint8_t*>(cache.data_ptr()) +
-           ((slot * n_kv + g) * d) * cache.element_size();
+    return slot * row_bytes + g * head_bytes;
   }
+  const void* key(int64_t pos) const { return k_base + offset(pos); }
+  const void* value(int64_t pos) const { return v_base + offset(pos); }
 };
 
 template <typename KV>
@@ -160,7 +267,7 @@ void attend_one(const Attend& a, const float* q, int64_t lo, int64_t hi, const f
   for (int64_t c0 = lo; c0 <= hi; c0 += kKeyChunk) {
     const int64_t n = std::min<int64_t>(kKeyChunk, hi + 1 - c0);
     for (int64_t j = 0; j < n; ++j) {
-      const void* kp = a.row(*a.k_cache, c0 + j);
+      const void* kp = a.key(c0 + j);
       for (int64_t e = 0; e < d; ++e) key[e] = load_kv<KV>(kp, e);
       for (int64_t h = 0; h < group; ++h) {
         float dot = 0.0f;
@@ -182,7 +289,7 @@ void attend_one(const Attend& a, const float* q, int64_t lo, int64_t hi, const f
       }
     }
     for (int64_t j = 0; j < n; ++j) {
-      const void* vp = a.row(*a.v_cache, c0 + j);
+      const void* vp = a.value(c0 + j);
       for (int64_t e = 0; e < d; ++e) key[e] = load_kv<KV>(vp, e);  // the value row
       for (int64_t h = 0; h < group; ++h) {
         const float p = scores[h * kKeyChunk + j];
@@ -243,7 +350,7 @@ GPTOSS_AVX512 void attend_avx512(const Attend& a, const float* q, int64_t lo, in
   for (int64_t c0 = lo; c0 <= hi; c0 += kKeyChunk) {
     const int64_t n = std::min<int64_t>(kKeyChunk, hi + 1 - c0);
     for (int64_t j = 0; j < n; ++j) {
-      const auto* kp = reinterpret_cast<const KV*>(a.row(*a.k_cache, c0 + j));
+      const auto* kp = static_cast<const KV*>(a.key(c0 + j));
       for (int c = 0; c < DV; ++c) _mm512_storeu_ps(rows + j * d + 16 * c, load16(kp + 16 * c));
     }
     for (int64_t h = 0; h < group; ++h) {
@@ -285,7 +392,7 @@ GPTOSS_AVX512 void attend_avx512(const Attend& a, const float* q, int64_t lo, in
       l[h] += _mm512_reduce_add_ps(sum);
     }
     for (int64_t j = 0; j < n; ++j) {
-      const auto* vp = reinterpret_cast<const KV*>(a.row(*a.v_cache, c0 + j));
+      const auto* vp = static_cast<const KV*>(a.value(c0 + j));
       for (int c = 0; c < DV; ++c) _mm512_storeu_ps(rows + j * d + 16 * c, load16(vp + 16 * c));
     }
     for (int64_t h = 0; h < group; ++h) {
@@ -411,14 +518,18 @@ at::Tensor paged_attention(const at::Tensor& q_in, const at::Tensor& k_in, const
 #else
   const bool vector = false;
 #endif
+  const auto* k_base = static_cast<const uint8_t*>(k_cache.data_ptr());
+  const auto* v_base = static_cast<const uint8_t*>(v_cache.data_ptr());
+  const int64_t* table_base = tables.data_ptr<int64_t>();
+  const int64_t element = k_cache.element_size();
   at::parallel_for(0, int64_t(tasks.size()) * n_kv, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> qf(group * d), of(group * d);
     std::vector<float> rows(kKeyChunk * d), scores(group * kKeyChunk);
     for (int64_t i = i0; i < i1; ++i) {
       const Task& task = tasks[i / n_kv];
       const int64_t g = i % n_kv;
-      const Attend a{&k_cache, &v_cache, tables.data_ptr<int64_t>() + task.seq * width,
-                     block_size, n_kv, d, group, g};
+      const Attend a{k_base, v_base, table_base + task.seq * width, block_size,
+                     n_kv * d * element, d * element, d, group, g};
       for (int64_t e = 0; e < group * d; ++e)
         qf[e] = qe.get((task.token * n_heads + g * group) * d + e) * scale;
       const int64_t lo = window > 0 ? std::max<int64_t>(0, task.pos - window + 1) : 0;
@@ -434,6 +545,8 @@ at::Tensor paged_attention(const at::Tensor& q_in, const at::Tensor& k_in, const
 }  // namespace gptoss_cpu
 
 TORCH_LIBRARY_FRAGMENT(gpt_oss_cpu, m) {
+  m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor", &gptoss_cpu::linear);
+  m.def("linear_supported() -> bool", &gptoss_cpu::linear_supported);
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", &gptoss_cpu::rms_norm);
   m.def("apply_rope(Tensor x, Tensor cos, Tensor sin) -> Tensor", &gptoss_cpu::apply_rope);
   m.def(
