@@ -1,32 +1,41 @@
-"""Baseline speed and memory of the gpt-oss forward with the reference kernels on the CPU.
+"""Speed and memory of the gpt-oss forward on the CPU, beside the machine's bandwidth ceiling.
 
 On a random checkpoint with the exact gpt-oss-20b shapes (generated on first use: ~13 GB on disk,
-Hugging Face layout, experts MXFP4) it measures load time, resident memory, prefill tokens/s for a
-512-token prompt and decode tokens/s at batch 1. These are the figures the faster CPU and GPU
-kernels are measured against.
+Hugging Face layout, experts MXFP4) it measures load time, prefill tokens/s for a 512-token prompt,
+decode tokens/s at batch 1 and batch 4 and the peak resident memory of the whole run, with a KV
+cache for 8192 tokens allocated as a server would. Next to each decode figure: the ceiling set by
+memory bandwidth, the bytes a step must read (dense weights, the experts the step selected, its
+KV) over the read bandwidth this script measures on the machine first.
 
-    python benchmarks/model_cpu.py [--checkpoint DIR] [--preset gpt-oss-20b] [--decode-steps 8]
+    python benchmarks/model_cpu.py [--checkpoint DIR] [--preset gpt-oss-20b] [--backend auto]
+        [--decode-steps 32] [--batch 1 4] [--threads N] [--kv-tokens 8192]
 
-Without --checkpoint it uses (and if needed writes) /tmp/gpt-oss-random/<preset>.
+Without --checkpoint it uses (and if needed writes) /tmp/gpt-oss-random/<preset>. The figures
+print as a Markdown table (docs/benchmarks.md keeps the measured ones).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import logging
 import platform
 import resource
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from engine.config import FULL, SLIDING, preset
+from engine.engine import EngineConfig, sliding_pool_blocks
 from engine.host_memory import release_large_frees_to_os
+from engine.kernels import Kernels, cpu, reference
 from engine.model.forward_batch import SequenceChunk, build_forward_batch
 from engine.model.gpt_oss import GptOss
 from engine.model.random_checkpoint import write_random_checkpoint
+from engine.model.weights import GptOssWeights, Mxfp4Experts
 
 BLOCK = 16
 
@@ -43,14 +52,90 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def read_bandwidth_gbs(gib: float = 2.0, repeats: int = 5) -> tuple[float, str]:
+    """The best of `repeats` full reads of a buffer far larger than the last-level cache, by the
+    kernels' own read loop when they are built (AVX-512 loads, prefetching; faster than a sum),
+    else by a PyTorch sum: (GB/s, how)."""
+    buffer = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
+    if cpu.load():
+        read, how = (lambda: cpu.read_probe(buffer)), "the kernels' read loop"
+    else:
+        read, how = (lambda: float(buffer.sum())), "torch.sum"
+    read()  # fault the pages in
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        read()
+        best = min(best, time.perf_counter() - start)
+    return buffer.numel() * 4 / best / 1e9, how
+
+
+def nbytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def dense_bytes_per_step(w: GptOssWeights) -> int:
+    """Weights every decode step reads whatever its batch: attention, router, norms, unembedding
+    (the embedding is a gather of one row per token)."""
+    total = nbytes(w.norm, w.unembedding)
+    for layer in w.layers:
+        a, m = layer.attn, layer.moe
+        total += nbytes(a.norm, a.q_weight, a.q_bias, a.k_weight, a.k_bias, a.v_weight, a.v_bias)
+        total += nbytes(a.sinks, a.o_weight, a.o_bias, m.norm, m.router_weight, m.router_bias)
+    return total
+
+
+def expert_bytes(w: GptOssWeights) -> int:
+    """One expert of one layer: both matmuls' blocks, scales and bias rows."""
+
+    def one(x: Mxfp4Experts) -> int:
+        return nbytes(x.blocks[0], x.scales[0], x.bias[0])
+
+    moe = w.layers[0].moe
+    return one(moe.mlp1) + one(moe.mlp2)
+
+
+def kv_bytes_per_step(model: GptOss, seq_lens: list[int]) -> int:
+    """K and V every layer reads for these sequences (a sliding layer: its window at most)."""
+    c = model.config
+    per_token = 2 * c.num_key_value_heads * c.head_dim * model.dtype.itemsize
+    total = 0
+    for layer_type in c.layer_types:
+        window = c.sliding_window if layer_type == SLIDING else None
+        total += sum(min(n, window) if window else n for n in seq_lens) * per_token
+    return total
+
+
+def counting_experts(kernels: Kernels, counts: list[int]) -> Kernels:
+    """The same kernels, recording how many distinct experts each MoE call selects."""
+
+    def moe(x, router_weight, router_bias, mlp1, mlp2, top_k, *args, **kwargs):
+        _, experts = reference.route(x, router_weight, router_bias, top_k)
+        counts.append(int(experts.unique().numel()))
+        return kernels.moe(x, router_weight, router_bias, mlp1, mlp2, top_k, *args, **kwargs)
+
+    return dataclasses.replace(kernels, moe=moe)
+
+
+def timed(fn: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path)
     parser.add_argument("--preset", default="gpt-oss-20b")
+    parser.add_argument("--backend", default="auto", choices=["auto", "cpu", "reference"])
     parser.add_argument("--prompt-len", type=int, default=512)
-    parser.add_argument("--decode-steps", type=int, default=8)
+    parser.add_argument("--decode-steps", type=int, default=32)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--kv-tokens", type=int, default=8192)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
+    if args.prompt_len % BLOCK:
+        parser.error(f"--prompt-len must be a multiple of {BLOCK} (its blocks are shared)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     release_large_frees_to_os()
@@ -61,45 +146,96 @@ def main() -> None:
         start = time.perf_counter()
         write_random_checkpoint(directory, preset(args.preset), layout="hf", seed=0)
         print(f"  written in {time.perf_counter() - start:.0f} s")
+    if args.backend != "reference":
+        cpu.load()  # a first-ever build is not load time
 
     start = time.perf_counter()
-    model = GptOss.from_checkpoint(directory, dtype=torch.bfloat16)
+    model = GptOss.from_checkpoint(directory, dtype=torch.bfloat16, backend=args.backend)
     load_s = time.perf_counter() - start
     rss_after_load = rss_gib()
+    expert_counts: list[int] = []
+    model.kernels = counting_experts(model.kernels, expert_counts)
 
-    n_total = args.prompt_len + args.decode_steps
-    n_blocks = -(-n_total // BLOCK)
-    cache = model.new_kv_cache({FULL: n_blocks + 1, SLIDING: n_blocks + 1}, BLOCK)
-    tables = {FULL: list(range(1, n_blocks + 1)), SLIDING: list(range(1, n_blocks + 1))}
-    vocab = model.config.vocab_size
-    prompt = torch.randint(0, vocab, (args.prompt_len,), generator=torch.Generator().manual_seed(0))
+    # The KV cache a server with --kv-tokens would allocate; sequences use blocks from 1 on.
+    c = model.config
+    n_full = -(-args.kv_tokens // BLOCK) + 1
+    n_sliding = sliding_pool_blocks(EngineConfig(max_num_seqs=max(args.batch)), c.sliding_window)
+    n_seq_blocks = -(-(args.prompt_len + args.decode_steps + 1) // BLOCK)
+    needed = args.prompt_len // BLOCK + max(args.batch) * (n_seq_blocks - args.prompt_len // BLOCK)
+    cache = model.new_kv_cache({FULL: n_full, SLIDING: max(n_sliding, needed + 1)}, BLOCK)
+    # The prompt's full blocks are shared by every sequence of a batch, as prefix caching would.
+    shared = list(range(1, args.prompt_len // BLOCK + 1))
+    next_block = len(shared) + 1
+    generator = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, c.vocab_size, (args.prompt_len,), generator=generator)
+    prompt_tables = {FULL: shared, SLIDING: shared}
 
-    start = time.perf_counter()
-    batch = build_forward_batch([SequenceChunk(prompt.tolist(), 0, tables)], BLOCK)
-    hidden = model.forward(batch, cache)
-    token = int(model.compute_logits(hidden[batch.logits_indices]).argmax(-1))
-    prefill_s = time.perf_counter() - start
+    def prefill() -> None:
+        batch = build_forward_batch([SequenceChunk(prompt.tolist(), 0, prompt_tables)], BLOCK)
+        model.compute_logits(model.forward(batch, cache)[batch.logits_indices])
 
-    start = time.perf_counter()
-    for step in range(args.decode_steps):
-        chunk = SequenceChunk([token], args.prompt_len + step, tables)
-        batch = build_forward_batch([chunk], BLOCK)
-        token = int(model.compute_logits(model.forward(batch, cache)).argmax(-1))
-    decode_s = time.perf_counter() - start
+    prefill_s = timed(prefill)
 
+    measured: dict[int, tuple[float, int]] = {}  # batch -> (seconds, bytes read)
+    for n_seqs in args.batch:
+        tables = []
+        for _ in range(n_seqs):
+            own = list(range(next_block, next_block + n_seq_blocks - len(shared)))
+            next_block += len(own)
+            tables.append({FULL: shared + own, SLIDING: shared + own})
+        tokens = list(range(1, n_seqs + 1))  # different first tokens: different experts
+        expert_counts.clear()
+        bytes_read = 0
+
+        def step(i: int, tokens: list[int] = tokens, tables: list = tables) -> list[int]:
+            nonlocal bytes_read
+            chunks = [
+                SequenceChunk([t], args.prompt_len + i, table)
+                for t, table in zip(tokens, tables, strict=True)
+            ]
+            batch = build_forward_batch(chunks, BLOCK)
+            bytes_read += kv_bytes_per_step(model, list(batch.seq_lens))
+            logits = model.compute_logits(model.forward(batch, cache))
+            return logits.argmax(-1).tolist()
+
+        for i in range(2):  # warm-up: page in and settle (not timed)
+            tokens[:] = step(i)
+        expert_counts.clear()
+        bytes_read = 0
+        start = time.perf_counter()
+        for i in range(2, 2 + args.decode_steps):
+            tokens[:] = step(i)
+        elapsed = time.perf_counter() - start
+        bytes_read += dense_bytes_per_step(model.weights) * args.decode_steps
+        bytes_read += sum(expert_counts) * expert_bytes(model.weights)
+        measured[n_seqs] = (elapsed, bytes_read)
+        print(f"batch {n_seqs}: {n_seqs * args.decode_steps / elapsed:.2f} tok/s")
+
+    peak_rss = peak_rss_gib()  # before the bandwidth probe's buffer
+    bandwidth, probe = read_bandwidth_gbs()
+    decode: dict[int, tuple[float, float]] = {}  # batch -> (tok/s, ceiling tok/s)
+    for n_seqs, (seconds, bytes_read) in measured.items():
+        tokens = n_seqs * args.decode_steps
+        decode[n_seqs] = (tokens / seconds, tokens / (bytes_read / (bandwidth * 1e9)))
+        print(f"batch {n_seqs}: {bytes_read / tokens / 1e9:.2f} GB read per token")
     print(
-        f"\nreference kernels, {args.preset} shapes, bf16, {args.threads} threads, "
+        f"\n{model.kernels.name} kernels, {args.preset} shapes, bf16, {args.threads} threads, "
         f"{platform.processor() or platform.machine()}, {datetime.date.today()}\n"
     )
-    print("| measure | value |")
-    print("|---|---:|")
-    print(f"| load time | {load_s:.2f} s |")
-    print(f"| RSS after load | {rss_after_load:.2f} GiB |")
-    print(f"| prefill, {args.prompt_len}-token prompt | {args.prompt_len / prefill_s:.2f} tok/s |")
+    print("| measure | value | bandwidth ceiling | of ceiling |")
+    print("|---|---:|---:|---:|")
+    print(f"| read bandwidth (2 GiB, {probe}) | {bandwidth:.1f} GB/s | | |")
+    print(f"| load time (mmap) | {load_s:.2f} s | | |")
+    print(f"| RSS after load | {rss_after_load:.2f} GiB | | |")
     print(
-        f"| decode, batch 1 ({args.decode_steps} steps) | {args.decode_steps / decode_s:.3f} tok/s |"
+        f"| prefill, {args.prompt_len}-token prompt | {args.prompt_len / prefill_s:.2f} tok/s | | |"
     )
-    print(f"| peak RSS | {peak_rss_gib():.2f} GiB |")
+    for n_seqs, (tok_s, ceiling) in decode.items():
+        print(
+            f"| decode, batch {n_seqs} ({args.decode_steps} steps) | {tok_s:.2f} tok/s "
+            f"| {ceiling:.2f} tok/s | {tok_s / ceiling:.0%} |"
+        )
+    print(f"| peak RSS (KV cache for {args.kv_tokens} tokens) | {peak_rss:.2f} GiB | | |")
 
 
 if __name__ == "__main__":

@@ -46,7 +46,10 @@ _SOURCES = tuple(
 _NAME = "gpt_oss_cpu_kernels"
 # No -march: the library must run on any x86-64 (the cache may be shared by a container image
 # built elsewhere); each vector path carries its own target attribute and is chosen at run time.
-_CFLAGS = ("-O3", "-std=c++17", "-fno-math-errno")
+# -fopenmp: ATen's parallel_for is a header template that runs serially unless compiled with
+# OpenMP; the library then binds to the libgomp.so.1 that torch has already loaded (one runtime).
+_CFLAGS = ("-O3", "-std=c++17", "-fno-math-errno", "-fopenmp")
+_LDFLAGS = ("-fopenmp",)
 
 
 def _cache_root() -> Path:
@@ -57,7 +60,7 @@ def _cache_root() -> Path:
 def _build_key() -> str:
     headers = sorted(_SOURCES[0].parent.glob("*.h"))
     digest = hashlib.sha256(b"".join(path.read_bytes() for path in (*_SOURCES, *headers)))
-    tags = (torch.__version__, sys.version.split()[0], platform.machine(), *_CFLAGS)
+    tags = (torch.__version__, sys.version.split()[0], platform.machine(), *_CFLAGS, *_LDFLAGS)
     digest.update("\0".join(tags).encode())
     return digest.hexdigest()[:16]
 
@@ -113,6 +116,7 @@ def build_and_load() -> bool:
             name=_NAME,
             sources=[str(source) for source in _SOURCES],
             extra_cflags=list(_CFLAGS),
+            extra_ldflags=list(_LDFLAGS),
             build_directory=str(directory),
             is_python_module=False,
             verbose=False,
@@ -178,6 +182,10 @@ def moe(
         mlp2.bias, swiglu_alpha, swiglu_limit, _isa_number(isa),
     )  # fmt: skip
 
+
+# An expert with this many tokens in a step goes through decoded weight tiles and PyTorch's matmul
+# (mirrors kDenseMinTokens in csrc/mxfp4_cpu.cpp; tests use it to know which path ran).
+DENSE_MIN_TOKENS = 16
 
 # The bf16 matrix-vector kernel covers up to this many tokens (decode steps); more go to PyTorch
 # (oneDNN, on AMX where present), which is compute-bound there and does better.
@@ -247,3 +255,8 @@ def paged_attention(
             )  # fmt: skip
         start += n_q
     return out.view(n_tokens, n_heads * head_dim)
+
+
+def read_probe(buffer: torch.Tensor) -> float:
+    """Read every byte of `buffer` with all threads, as the kernels read (benchmarks time it)."""
+    return float(torch.ops.gpt_oss_cpu.read_probe(buffer))

@@ -26,6 +26,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <vector>
 
 #include "simd.h"
@@ -111,6 +112,22 @@ GPTOSS_AVX512 void linear_rows(const uint16_t* w, int64_t cols, int64_t n, const
   for (; r < n; ++r) linear_rows_tile<1, NT>(w, cols, r, x, y, ys);
 }
 
+// Lines [l0, l1) of 64 bytes summed as fp32 lanes, four independent sums, prefetching 1 KB ahead.
+GPTOSS_AVX512 double read_lines_avx512(const uint8_t* base, int64_t l0, int64_t l1) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t l = l0;
+  for (; l + 4 <= l1; l += 4) {
+    const uint8_t* p = base + l * 64;
+    for (int k = 0; k < 4; ++k) _mm_prefetch(reinterpret_cast<const char*>(p + 1024 + 64 * k), _MM_HINT_T0);
+    a0 = _mm512_add_ps(a0, _mm512_loadu_ps(reinterpret_cast<const float*>(p)));
+    a1 = _mm512_add_ps(a1, _mm512_loadu_ps(reinterpret_cast<const float*>(p + 64)));
+    a2 = _mm512_add_ps(a2, _mm512_loadu_ps(reinterpret_cast<const float*>(p + 128)));
+    a3 = _mm512_add_ps(a3, _mm512_loadu_ps(reinterpret_cast<const float*>(p + 192)));
+  }
+  for (; l < l1; ++l) a0 = _mm512_add_ps(a0, _mm512_loadu_ps(reinterpret_cast<const float*>(base + l * 64)));
+  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+}
+
 #endif  // GPTOSS_X86
 
 bool linear_supported();
@@ -130,7 +147,8 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& weight_in,
   const at::Tensor x = x_in.contiguous();
   at::Tensor b;
   if (bias.has_value()) {
-    b = bias->to(at::kFloat).contiguous();
+    check_float(*bias, "linear: bias");
+    b = bias->contiguous();
     TORCH_CHECK(b.numel() == rows, "linear: bias [rows]");
   }
   at::Tensor y = at::empty({T, rows}, x.options());
@@ -140,7 +158,7 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& weight_in,
   const auto* xb = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
   for (int64_t i = 0; i < T * cols; ++i) xf[i] = bf16_bits_to_f32(xb[i]);
   const auto* w = reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>());
-  const float* bp = bias.has_value() ? b.data_ptr<float>() : nullptr;
+  const std::optional<Elems> be = bias.has_value() ? std::optional<Elems>(Elems(b)) : std::nullopt;
   auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
   constexpr int64_t kRows = 64;
   // Chunks of 64 rows: a few hundred work items for big matrices, whole cache lines of output.
@@ -157,7 +175,8 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& weight_in,
       }
       for (int64_t t = 0; t < T; ++t)
         for (int64_t i = 0; i < n; ++i)
-          yp[t * rows + r0 + i] = f32_to_bf16_bits(tile[t * kRows + i] + (bp ? bp[r0 + i] : 0.0f));
+          yp[t * rows + r0 + i] =
+              f32_to_bf16_bits(tile[t * kRows + i] + (be ? be->get(r0 + i) : 0.0f));
     }
   });
 #else
@@ -172,6 +191,31 @@ bool linear_supported() {
 #else
   return false;
 #endif
+}
+
+// Reads every byte of a buffer with all threads (prefetching ahead, as the kernels do) and
+// returns a sum of its 64-byte lines as fp32: the machine's read bandwidth, for the benchmarks'
+// ceilings, measured the way the kernels read.
+double read_probe(const at::Tensor& buffer) {
+  TORCH_CHECK(buffer.is_contiguous() && buffer.device().is_cpu(), "a contiguous CPU buffer");
+  const auto* base = static_cast<const uint8_t*>(buffer.data_ptr());
+  const int64_t lines = buffer.numel() * buffer.element_size() / 64;
+  std::vector<double> partial(at::get_num_threads() + 1, 0.0);
+  at::parallel_for(0, lines, 4096, [&](int64_t l0, int64_t l1) {
+    double total = 0.0;
+#if GPTOSS_X86
+    if (__builtin_cpu_supports("avx512f")) {
+      total = read_lines_avx512(base, l0, l1);
+    } else
+#endif
+    {
+      for (int64_t l = l0; l < l1; ++l) total += base[l * 64];
+    }
+    partial[at::get_thread_num()] += total;
+  });
+  double sum = 0.0;
+  for (const double p : partial) sum += p;
+  return sum;
 }
 
 // x * rsqrt(mean(x^2) + eps) * weight over the last dim, in fp32 (weight fp32), in x's dtype.
@@ -547,6 +591,7 @@ at::Tensor paged_attention(const at::Tensor& q_in, const at::Tensor& k_in, const
 TORCH_LIBRARY_FRAGMENT(gpt_oss_cpu, m) {
   m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor", &gptoss_cpu::linear);
   m.def("linear_supported() -> bool", &gptoss_cpu::linear_supported);
+  m.def("read_probe(Tensor buffer) -> float", &gptoss_cpu::read_probe);
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", &gptoss_cpu::rms_norm);
   m.def("apply_rope(Tensor x, Tensor cos, Tensor sin) -> Tensor", &gptoss_cpu::apply_rope);
   m.def(

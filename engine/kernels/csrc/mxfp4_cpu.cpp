@@ -40,7 +40,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -479,6 +478,35 @@ void rows_vnni(const Mx& w, int64_t r0, int64_t r1, const void* const* xs, int n
   GPTOSS_DISPATCH_NT(rows_vnni_t, w, r0, r1, x, y, ys)
 }
 
+// Rows of an MXFP4 matrix decoded to bf16 (or fp32): the e2m1 value looked up as fp32, times the
+// block's scale (exact), then its upper half (exact in bf16 over E8M0's normal range).
+GPTOSS_AVX512 void dequantize_rows_avx512(const Mx& w, int64_t r0, int64_t r1, bool bf16,
+                                          void* out) {
+  const __m512 lut = _mm512_loadu_ps(kFp4);
+  const int64_t cols = w.nb * 32;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* b = w.blocks + r * w.nb * 16;
+    const uint8_t* s = w.scales + r * w.nb;
+    for (int64_t k = 0; k < w.nb; ++k) {
+      const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + k * 16)));
+      const __m512 sc = _mm512_set1_ps(scale_f32(s[k]));
+      const __m512 lo = _mm512_mul_ps(_mm512_permutexvar_ps(v, lut), sc);  // elements 0, 2, ...
+      const __m512 hi = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut), sc);
+      const __m512 first = _mm512_permutex2var_ps(lo, _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23), hi);
+      const __m512 second = _mm512_permutex2var_ps(lo, _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31), hi);
+      const int64_t at = (r - r0) * cols + k * 32;
+      if (bf16) {
+        auto* o = static_cast<uint16_t*>(out) + at;
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(first), 16)));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 16), _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(second), 16)));
+      } else {
+        _mm512_storeu_ps(static_cast<float*>(out) + at, first);
+        _mm512_storeu_ps(static_cast<float*>(out) + at + 16, second);
+      }
+    }
+  }
+}
+
 #endif  // GPTOSS_X86
 
 void prepare_q16(const float* x, int64_t cols, uint8_t* dst) {
@@ -513,17 +541,13 @@ int64_t checked_isa(int64_t isa) {
   return isa;
 }
 
-// Run `body(item)` for items 0..n-1 on torch's intra-op threads, handing items out one at a time
-// (items differ in cost when experts receive different numbers of tokens).
+// Run `body(item)` for items 0..n-1 on torch's intra-op threads, each thread taking one
+// contiguous range: consecutive items read consecutive rows, so each thread's weight stream stays
+// sequential (handing items out one at a time, alternately, made every thread's stream jump).
 template <typename F>
 void parallel_items(int64_t n, const F& body) {
-  if (n <= 0) return;
-  std::atomic<int64_t> next{0};
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), n);
-  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
-    (void)begin;
-    (void)end;
-    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) body(i);
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) body(i);
   });
 }
 
@@ -587,6 +611,46 @@ at::Tensor mxfp4_linear(const at::Tensor& x_in, const at::Tensor& blocks, const 
   return out;
 }
 
+// Rows [r0, r1) of an MXFP4 matrix decoded into out (row-major, bf16 or fp32).
+void dequantize_rows(const Mx& w, int64_t r0, int64_t r1, bool bf16, void* out, int64_t isa) {
+#if GPTOSS_X86
+  if (isa >= kAvx512) return dequantize_rows_avx512(w, r0, r1, bf16, out);
+#endif
+  (void)isa;
+  const int64_t cols = w.nb * 32;
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t k = 0; k < w.nb; ++k) {
+      const float sc = scale_f32(w.scales[r * w.nb + k]);
+      for (int j = 0; j < 16; ++j) {
+        const uint8_t byte = w.blocks[(r * w.nb + k) * 16 + j];
+        const int64_t at = (r - r0) * cols + k * 32 + 2 * j;
+        const float lo = kFp4[byte & 0x0F] * sc, hi = kFp4[byte >> 4] * sc;
+        if (bf16) {
+          uint32_t bits[2];
+          std::memcpy(bits, &lo, 4);
+          std::memcpy(bits + 1, &hi, 4);
+          static_cast<uint16_t*>(out)[at] = uint16_t(bits[0] >> 16);
+          static_cast<uint16_t*>(out)[at + 1] = uint16_t(bits[1] >> 16);
+        } else {
+          static_cast<float*>(out)[at] = lo;
+          static_cast<float*>(out)[at + 1] = hi;
+        }
+      }
+    }
+}
+
+// `tile` rows of expert matrix w starting at r0, decoded by all threads into buffer (a tensor of
+// [tile, cols] in dtype), returned as a [n, cols] view.
+at::Tensor decoded_tile(const Mx& w, int64_t r0, int64_t r1, at::Tensor& buffer, int64_t isa) {
+  const bool bf16 = buffer.scalar_type() == at::kBFloat16;
+  void* base = buffer.data_ptr();
+  const int64_t row_bytes = w.nb * 32 * buffer.element_size();
+  at::parallel_for(r0, r1, 16, [&](int64_t a, int64_t b) {
+    dequantize_rows(w, a, b, bf16, static_cast<uint8_t*>(base) + (a - r0) * row_bytes, isa);
+  });
+  return buffer.narrow(0, 0, r1 - r0);
+}
+
 // An [E, n] bias of bf16 or fp32, read as fp32.
 struct Bias {
   const void* data;
@@ -608,6 +672,63 @@ inline float swiglu(float gate, float linear, float alpha, float limit) {
   gate = std::min(gate, limit);
   linear = std::max(-limit, std::min(linear, limit));
   return gate / (1.0f + std::exp(-alpha * gate)) * (linear + 1.0f);
+}
+
+// An expert that sees many tokens (prefill chunks) is compute-bound, and the in-register kernel
+// (one int16 dot product per token and block) is then several times slower than a matmul unit.
+// So rows of its weights are decoded a tile at a time (a few MB, cache-resident, reused) and
+// multiplied by PyTorch's matmul (oneDNN: AMX for bf16 where present) with every thread. The
+// result goes into acc [T, H] fp32, weighted. Roundings as the reference: matmul outputs and the
+// SwiGLU output in x's dtype.
+constexpr int64_t kDenseMinTokens = 16;
+constexpr int64_t kDenseTile = 512;
+
+void expert_dense(const at::Tensor& x, const std::vector<int64_t>& tokens,
+                  const std::vector<float>& gates, const Mx& w1, const Mx& w2, const Bias& bias1,
+                  const Bias& bias2, int64_t e, float alpha, float limit, int64_t isa,
+                  at::Tensor& acc) {
+  const int64_t n = int64_t(tokens.size()), H = x.size(1), I2 = bias1.n, I = I2 / 2;
+  const at::Tensor index = at::tensor(at::IntArrayRef(tokens), at::TensorOptions().dtype(at::kLong));
+  const at::Tensor xe = x.index_select(0, index);  // [n, H]
+  at::Tensor buffer1 = at::empty({std::min(kDenseTile, I2), H}, x.options());
+  at::Tensor buffer2 = at::empty({std::min(kDenseTile, H), I}, x.options());
+  at::Tensor h = at::empty({n, I}, x.options().dtype(at::kFloat));
+  float* hp = h.data_ptr<float>();
+  for (int64_t r0 = 0; r0 < I2; r0 += kDenseTile) {  // kDenseTile is even: whole pairs
+    const int64_t r1 = std::min(I2, r0 + kDenseTile);
+    const at::Tensor y = at::mm(xe, decoded_tile(w1, r0, r1, buffer1, isa).t()).to(at::kFloat);
+    const float* yp = y.data_ptr<float>();
+    at::parallel_for(0, n, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const float* row = yp + t * (r1 - r0);
+        float* out = hp + t * I + r0 / 2;
+#if GPTOSS_X86
+        if (isa >= kAvx512 && (r1 - r0) % 32 == 0) {
+          swiglu_avx512(row, bias1.ptr(e, r0), bias1.bf16, (r1 - r0) / 2, alpha, limit, out);
+          continue;
+        }
+#endif
+        for (int64_t i = 0; i < (r1 - r0) / 2; ++i)
+          out[i] = swiglu(row[2 * i] + bias1.at(e, r0 + 2 * i),
+                          row[2 * i + 1] + bias1.at(e, r0 + 2 * i + 1), alpha, limit);
+      }
+    });
+  }
+  const at::Tensor hx = h.to(x.scalar_type());
+  float* ap = acc.data_ptr<float>();
+  for (int64_t r0 = 0; r0 < H; r0 += kDenseTile) {
+    const int64_t r1 = std::min(H, r0 + kDenseTile);
+    const at::Tensor y = at::mm(hx, decoded_tile(w2, r0, r1, buffer2, isa).t()).to(at::kFloat);
+    const float* yp = y.data_ptr<float>();
+    // Tokens are distinct within one expert: rows of acc are written by one thread each.
+    at::parallel_for(0, n, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        float* a = ap + tokens[t] * H;
+        for (int64_t j = 0; j < r1 - r0; ++j)
+          a[r0 + j] += gates[t] * (yp[t * (r1 - r0) + j] + bias2.at(e, r0 + j));
+      }
+    });
+  }
 }
 
 // The experts of a mixture-of-experts layer after routing. x [T, H]; expert ids and routing
@@ -661,17 +782,31 @@ at::Tensor moe_experts(const at::Tensor& x_in, const at::Tensor& expert_ids,
       tokens[e].push_back(t);
       weights[e].push_back(gate[t * k + j]);
     }
-  std::vector<int64_t> active, first_slot(E, 0);
-  int64_t slots = 0;
+  std::vector<int64_t> active;
   for (int64_t e = 0; e < E; ++e)
-    if (!tokens[e].empty()) {
-      active.push_back(e);
-      first_slot[e] = slots;
-      slots += int64_t(tokens[e].size());
-    }
+    if (!tokens[e].empty()) active.push_back(e);
   // Busiest experts first, so the last items handed out are the cheap ones.
   std::stable_sort(active.begin(), active.end(),
                    [&](int64_t a, int64_t b) { return tokens[a].size() > tokens[b].size(); });
+
+  // Experts with many tokens: decoded tiles and matmuls, one expert at a time, into acc.
+  at::Tensor dense_acc = at::zeros({T, H}, x.options().dtype(at::kFloat));
+  while (!active.empty() && int64_t(tokens[active.front()].size()) >= kDenseMinTokens) {
+    const int64_t e = active.front();
+    const Mx w1{w1_blocks.data_ptr<uint8_t>() + e * I2 * (H / 32) * 16,
+                w1_scales.data_ptr<uint8_t>() + e * I2 * (H / 32), H / 32};
+    const Mx w2{w2_blocks.data_ptr<uint8_t>() + e * H * (I / 32) * 16,
+                w2_scales.data_ptr<uint8_t>() + e * H * (I / 32), I / 32};
+    expert_dense(x, tokens[e], weights[e], w1, w2, bias1, bias2, e, alpha, limit, isa, dense_acc);
+    active.erase(active.begin());
+  }
+  const float* dense = dense_acc.data_ptr<float>();
+  std::vector<int64_t> first_slot(E, 0);  // the rest: a slot per (expert, token) pair
+  int64_t slots = 0;
+  for (const int64_t e : active) {
+    first_slot[e] = slots;
+    slots += int64_t(tokens[e].size());
+  }
 
   // Both phases run the path of x's dtype (phase 2's input is fp32, but prepared the same way).
   const Path path = path_for(isa, x.scalar_type());
@@ -721,12 +856,15 @@ at::Tensor moe_experts(const at::Tensor& x_in, const at::Tensor& expert_ids,
     for (int64_t s = s0; s < s1; ++s) prepare(hv + s * I, I, path.layout, hp + s * hs_stride);
   });
 
-  // Phase 2: out[t, r] = sum over t's experts of weight * (h @ W2[e].T + b2[e]), rows split up.
+  // Phase 2: out[t, r] = sum over t's experts of weight * (h @ W2[e].T + b2[e]). Each thread owns
+  // a contiguous range of rows and streams it expert after expert.
   at::Tensor out = at::empty({T, H}, x.options());
   constexpr int64_t kRows2 = 32;
-  parallel_items((H + kRows2 - 1) / kRows2, [&](int64_t c) {
-    const int64_t r0 = c * kRows2, r1 = std::min(H, r0 + kRows2), n = r1 - r0;
-    std::vector<float> acc(T * n, 0.0f);
+  at::parallel_for(0, (H + kRows2 - 1) / kRows2, 1, [&](int64_t c0, int64_t c1) {
+    const int64_t r0 = c0 * kRows2, r1 = std::min(H, c1 * kRows2), n = r1 - r0;
+    std::vector<float> acc(T * n);
+    for (int64_t t = 0; t < T; ++t)
+      std::memcpy(acc.data() + t * n, dense + t * H + r0, n * sizeof(float));
     float tile[kMaxTile * kRows2];
     for (const int64_t e : active) {
       const Mx w{w2_blocks.data_ptr<uint8_t>() + e * H * (I / 32) * 16,
@@ -736,12 +874,15 @@ at::Tensor moe_experts(const at::Tensor& x_in, const at::Tensor& expert_ids,
         const int nt = int(std::min<int64_t>(kMaxTile, int64_t(tok.size()) - t0));
         const void* hs[kMaxTile];
         for (int t = 0; t < nt; ++t) hs[t] = hp + (first_slot[e] + t0 + t) * hs_stride;
-        path.rows(w, r0, r1, hs, nt, tile, kRows2);
-        for (int t = 0; t < nt; ++t) {
-          const float g = weights[e][t0 + t];
-          float* a = acc.data() + tok[t0 + t] * n;
-          for (int64_t r = 0; r < n; ++r)
-            a[r] += g * (tile[t * kRows2 + r] + bias2.at(e, r0 + r));
+        for (int64_t q0 = r0; q0 < r1; q0 += kRows2) {
+          const int64_t q1 = std::min(r1, q0 + kRows2);
+          path.rows(w, q0, q1, hs, nt, tile, kRows2);
+          for (int t = 0; t < nt; ++t) {
+            const float g = weights[e][t0 + t];
+            float* a = acc.data() + tok[t0 + t] * n + (q0 - r0);
+            for (int64_t r = 0; r < q1 - q0; ++r)
+              a[r] += g * (tile[t * kRows2 + r] + bias2.at(e, q0 + r));
+          }
         }
       }
     }
