@@ -2,13 +2,15 @@
 
 On a random checkpoint with the exact gpt-oss-20b shapes (generated on first use: ~13 GB on disk,
 Hugging Face layout, experts MXFP4) it measures load time, prefill tokens/s for a 512-token prompt,
-decode tokens/s at batch 1 and batch 4 and the peak resident memory of the whole run, with a KV
-cache for 8192 tokens allocated as a server would. Next to each decode figure: the ceiling set by
-memory bandwidth, the bytes a step must read (dense weights, the experts the step selected, its
-KV) over the read bandwidth this script measures on the machine first.
+decode tokens/s at batch 1 and batch 4 (best of 3 rounds of 32 steps: the machines are shared)
+and the peak resident memory of the whole run, with a KV cache for 8192 tokens allocated as a
+server would. Next to each decode figure: the ceiling set by memory bandwidth, the bytes the steps
+read (dense weights, the distinct experts each step selected, its KV) over the read bandwidth
+measured on the machine in the same run.
 
     python benchmarks/model_cpu.py [--checkpoint DIR] [--preset gpt-oss-20b] [--backend auto]
-        [--decode-steps 32] [--batch 1 4] [--threads N] [--kv-tokens 8192]
+        [--decode-steps 32] [--rounds 3] [--batch 1 4] [--threads N] [--kv-tokens 8192]
+        [--keep-page-cache]
 
 Without --checkpoint it uses (and if needed writes) /tmp/gpt-oss-random/<preset>. The figures
 print as a Markdown table (docs/benchmarks.md keeps the measured ones).
@@ -151,6 +153,7 @@ def main() -> None:
     parser.add_argument("--backend", default="auto", choices=["auto", "cpu", "reference"])
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--decode-steps", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3, help="decode rounds per batch size")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--kv-tokens", type=int, default=8192)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -190,7 +193,7 @@ def main() -> None:
     c = model.config
     n_full = -(-args.kv_tokens // BLOCK) + 1
     n_sliding = sliding_pool_blocks(EngineConfig(max_num_seqs=max(args.batch)), c.sliding_window)
-    n_seq_blocks = -(-(args.prompt_len + args.decode_steps + 1) // BLOCK)
+    n_seq_blocks = -(-(args.prompt_len + 2 + args.rounds * args.decode_steps) // BLOCK)
     needed = args.prompt_len // BLOCK + max(args.batch) * (n_seq_blocks - args.prompt_len // BLOCK)
     cache = model.new_kv_cache({FULL: n_full, SLIDING: max(n_sliding, needed + 1)}, BLOCK)
     # The prompt's full blocks are shared by every sequence of a batch, as prefix caching would.
@@ -230,16 +233,21 @@ def main() -> None:
 
         for i in range(2):  # warm-up: page in and settle (not timed)
             tokens[:] = step(i)
-        expert_counts.clear()
-        bytes_read = 0
-        start = time.perf_counter()
-        for i in range(2, 2 + args.decode_steps):
-            tokens[:] = step(i)
-        elapsed = time.perf_counter() - start
-        bytes_read += dense_bytes_per_step(model.weights) * args.decode_steps
-        bytes_read += sum(expert_counts) * expert_bytes(model.weights)
-        measured[n_seqs] = (elapsed, bytes_read)
-        print(f"batch {n_seqs}: {n_seqs * args.decode_steps / elapsed:.2f} tok/s")
+        position = 2
+        for round_ in range(args.rounds):  # the machine is shared: the best round counts
+            expert_counts.clear()
+            bytes_read = 0
+            start = time.perf_counter()
+            for i in range(position, position + args.decode_steps):
+                tokens[:] = step(i)
+            elapsed = time.perf_counter() - start
+            position += args.decode_steps
+            bytes_read += dense_bytes_per_step(model.weights) * args.decode_steps
+            bytes_read += sum(expert_counts) * expert_bytes(model.weights)
+            if n_seqs not in measured or elapsed < measured[n_seqs][0]:
+                measured[n_seqs] = (elapsed, bytes_read)
+            tok_s = n_seqs * args.decode_steps / elapsed
+            print(f"batch {n_seqs}, round {round_ + 1}: {tok_s:.2f} tok/s")
 
     peak_rss = peak_rss_gib()  # before the bandwidth probe's buffer
     bandwidth, probe = read_bandwidth_gbs()
@@ -262,7 +270,8 @@ def main() -> None:
     )
     for n_seqs, (tok_s, ceiling) in decode.items():
         print(
-            f"| decode, batch {n_seqs} ({args.decode_steps} steps) | {tok_s:.2f} tok/s "
+            f"| decode, batch {n_seqs} (best of {args.rounds} x {args.decode_steps} steps) "
+            f"| {tok_s:.2f} tok/s "
             f"| {ceiling:.2f} tok/s | {tok_s / ceiling:.0%} |"
         )
     print(f"| peak RSS (KV cache for {args.kv_tokens} tokens) | {peak_rss:.2f} GiB | | |")

@@ -26,6 +26,7 @@ from engine.kernels import cpu, reference
 class Kernels:
     name: str
     linear: Callable[..., torch.Tensor]  # F.linear's signature: the dense (bf16) matmuls
+    linear_many: Callable[..., tuple[torch.Tensor, ...]]  # one input, several weights (q, k, v)
     rms_norm: Callable[..., torch.Tensor]
     rope_cos_sin: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     apply_rope: Callable[..., torch.Tensor]
@@ -36,6 +37,7 @@ class Kernels:
 REFERENCE = Kernels(
     name="reference",
     linear=F.linear,
+    linear_many=reference.linear_many,
     rms_norm=reference.rms_norm,
     rope_cos_sin=reference.rope_cos_sin,
     apply_rope=reference.apply_rope,
@@ -55,6 +57,7 @@ def cpu_kernels(isa: str = "auto") -> Kernels:
     return Kernels(
         name=f"cpu-{name}",
         linear=cpu.linear,
+        linear_many=cpu.linear_many,
         rms_norm=cpu.rms_norm,
         rope_cos_sin=reference.rope_cos_sin,
         apply_rope=cpu.apply_rope,

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -197,17 +198,31 @@ def _linear_supported() -> bool:
     return bool(torch.ops.gpt_oss_cpu.linear_supported())
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear`; bf16 x of 1..4 tokens with a bf16 weight goes to the streaming C++ kernel."""
-    if (
+def _streams(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> bool:
+    """Whether the streaming C++ kernel takes this: bf16, 1..4 tokens, AVX-512."""
+    return (
         x.dim() == 2
         and 1 <= x.shape[0] <= MAX_LINEAR_TOKENS
-        and x.dtype == weight.dtype == torch.bfloat16
-        and (bias is None or bias.dtype == torch.bfloat16)
+        and x.dtype == torch.bfloat16
+        and all(w.dtype == torch.bfloat16 for w in weights)
         and _linear_supported()
-    ):
+    )
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear`; bf16 x of 1..4 tokens with a bf16 weight goes to the streaming C++ kernel."""
+    if _streams(x, (weight,)):
         return torch.ops.gpt_oss_cpu.linear(x, weight, bias)
     return F.linear(x, weight, bias)
+
+
+def linear_many(
+    x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None]
+) -> tuple[torch.Tensor, ...]:
+    """`reference.linear_many`: for decode steps, all the weights in one streaming pass."""
+    if _streams(x, weights):
+        return tuple(torch.ops.gpt_oss_cpu.linear_many(x, list(weights), list(biases)))
+    return reference.linear_many(x, weights, biases)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -8,6 +8,7 @@ dense copy of all experts ever exists.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,13 @@ import torch.nn.functional as F
 from engine.kernels.mxfp4 import dequantize_mxfp4
 from engine.model.forward_batch import CacheGroupBatch
 from engine.model.weights import Mxfp4Experts
+
+
+def linear_many(
+    x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None]
+) -> tuple[torch.Tensor, ...]:
+    """F.linear of one input with several weights (q, k and v): backends may do them in one pass."""
+    return tuple(F.linear(x, w, b) for w, b in zip(weights, biases, strict=True))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

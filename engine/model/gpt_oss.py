@@ -95,9 +95,12 @@ class GptOss:
     ) -> torch.Tensor:
         c, k = self.config, self.kernels
         t = k.rms_norm(x, w.norm, c.rms_norm_eps)
-        q = k.linear(t, w.q_weight, w.q_bias).view(-1, c.num_attention_heads, c.head_dim)
-        key = k.linear(t, w.k_weight, w.k_bias).view(-1, c.num_key_value_heads, c.head_dim)
-        value = k.linear(t, w.v_weight, w.v_bias).view(-1, c.num_key_value_heads, c.head_dim)
+        q, key, value = k.linear_many(
+            t, (w.q_weight, w.k_weight, w.v_weight), (w.q_bias, w.k_bias, w.v_bias)
+        )
+        q = q.view(-1, c.num_attention_heads, c.head_dim)
+        key = key.view(-1, c.num_key_value_heads, c.head_dim)
+        value = value.view(-1, c.num_key_value_heads, c.head_dim)
         q, key = k.apply_rope(q, cos, sin), k.apply_rope(key, cos, sin)
         layer_type = c.layer_types[layer]
         window = c.sliding_window if layer_type == SLIDING else None

@@ -332,3 +332,20 @@ def test_linear_equals_f_linear(tokens: int, rows: int, cols: int, with_bias: bo
     exact = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
     torch.testing.assert_close(ours.float(), exact, rtol=2**-8, atol=1e-5 * cols**0.5)
     assert ((ours.float() - theirs.float()).abs() <= theirs.float().abs() * 2**-7 + 1e-5).all()
+
+
+def test_linear_many_equals_one_linear_each() -> None:
+    """q, k and v in one pass: the same as three calls (bit for bit), biases given or not."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 96, generator=g).bfloat16()
+    weights = [torch.randn(rows, 96, generator=g).bfloat16() for rows in (128, 16, 70)]
+    biases = [
+        torch.randn(128, generator=g).bfloat16(),
+        None,
+        torch.randn(70, generator=g).bfloat16(),
+    ]
+    many = cpu.linear_many(x, weights, biases)
+    for out, w, b in zip(many, weights, biases, strict=True):
+        assert torch.equal(out, cpu.linear(x, w, b))
+    theirs = reference.linear_many(x, weights, biases)
+    assert [a.shape for a in many] == [b.shape for b in theirs]

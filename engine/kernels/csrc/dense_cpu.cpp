@@ -137,57 +137,76 @@ GPTOSS_AVX512 double read_lines_avx512(const uint8_t* base, int64_t l0, int64_t 
 
 bool linear_supported();
 
-// x [T, cols] bf16 @ W.T (+ bias) for W [rows, cols] bf16 and T <= 4: fp32 accumulation, the
-// result rounded to bf16 once (as PyTorch's bf16 matmul does). Needs AVX-512 (callers check
-// `linear_supported`).
-at::Tensor linear(const at::Tensor& x_in, const at::Tensor& weight_in,
-                  const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x_in.dim() == 2 && weight_in.dim() == 2 && x_in.size(1) == weight_in.size(1),
-              "linear: x [T, cols] and weight [rows, cols]");
-  TORCH_CHECK(x_in.scalar_type() == at::kBFloat16 && weight_in.scalar_type() == at::kBFloat16,
-              "linear: bf16 x and weight");
-  const int64_t T = x_in.size(0), cols = x_in.size(1), rows = weight_in.size(0);
+// x [T, cols] bf16 @ W.T (+ bias) for each of several W [rows_m, cols] bf16 (q, k and v: one
+// pass over the three, one parallel region), T <= 4: fp32 accumulation, each result rounded to
+// bf16 once (as PyTorch's bf16 matmul does). Needs AVX-512 (callers check `linear_supported`).
+std::vector<at::Tensor> linear_many(const at::Tensor& x_in, at::TensorList weights_in,
+                                    at::ArrayRef<c10::optional<at::Tensor>> biases) {
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kBFloat16, "linear: bf16 x [T, cols]");
+  TORCH_CHECK(biases.size() == weights_in.size(), "linear: one bias (or None) per weight");
+  const int64_t T = x_in.size(0), cols = x_in.size(1);
   TORCH_CHECK(T >= 1 && T <= 4, "linear: 1 to 4 tokens");
-  const at::Tensor weight = weight_in.contiguous();  // a no-op for the mapped weights
-  const at::Tensor x = x_in.contiguous();
-  at::Tensor b;
-  if (bias.has_value()) {
-    check_float(*bias, "linear: bias");
-    b = bias->contiguous();
-    TORCH_CHECK(b.numel() == rows, "linear: bias [rows]");
-  }
-  at::Tensor y = at::empty({T, rows}, x.options());
-#if GPTOSS_X86
   TORCH_CHECK(linear_supported(), "linear needs AVX-512");
+  const at::Tensor x = x_in.contiguous();
+  constexpr int64_t kRows = 64;  // rows per work item: whole cache lines of output
+  struct Matrix {
+    at::Tensor weight, bias, out;
+    int64_t rows, first_chunk;
+  };
+  std::vector<Matrix> ms;
+  int64_t chunks = 0;
+  for (size_t m = 0; m < weights_in.size(); ++m) {
+    const at::Tensor& w = weights_in[m];
+    TORCH_CHECK(w.dim() == 2 && w.size(1) == cols && w.scalar_type() == at::kBFloat16,
+                "linear: bf16 weights [rows, cols]");
+    Matrix mat{w.contiguous(), at::Tensor(), at::empty({T, w.size(0)}, x.options()), w.size(0),
+               chunks};  // contiguous(): a no-op for the mapped weights
+    if (biases[m].has_value()) {
+      check_float(*biases[m], "linear: bias");
+      mat.bias = biases[m]->contiguous();
+      TORCH_CHECK(mat.bias.numel() == mat.rows, "linear: bias [rows]");
+    }
+    chunks += (mat.rows + kRows - 1) / kRows;
+    ms.push_back(std::move(mat));
+  }
+#if GPTOSS_X86
   std::vector<float> xf(T * cols);
   const auto* xb = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
   for (int64_t i = 0; i < T * cols; ++i) xf[i] = bf16_bits_to_f32(xb[i]);
-  const auto* w = reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>());
-  const std::optional<Elems> be = bias.has_value() ? std::optional<Elems>(Elems(b)) : std::nullopt;
-  auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
-  constexpr int64_t kRows = 64;
-  // Chunks of 64 rows: a few hundred work items for big matrices, whole cache lines of output.
-  at::parallel_for(0, (rows + kRows - 1) / kRows, 1, [&](int64_t c0, int64_t c1) {
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     float tile[4 * kRows];
+    size_t m = 0;
     for (int64_t c = c0; c < c1; ++c) {
-      const int64_t r0 = c * kRows, n = std::min(rows, r0 + kRows) - r0;
-      const uint16_t* wc = w + r0 * cols;
+      while (m + 1 < ms.size() && c >= ms[m + 1].first_chunk) ++m;
+      const Matrix& mat = ms[m];
+      const int64_t r0 = (c - mat.first_chunk) * kRows, n = std::min(mat.rows, r0 + kRows) - r0;
+      const uint16_t* wc =
+          reinterpret_cast<const uint16_t*>(mat.weight.data_ptr<at::BFloat16>()) + r0 * cols;
       switch (T) {
         case 1: linear_rows<1>(wc, cols, n, xf.data(), tile, kRows); break;
         case 2: linear_rows<2>(wc, cols, n, xf.data(), tile, kRows); break;
         case 3: linear_rows<3>(wc, cols, n, xf.data(), tile, kRows); break;
         default: linear_rows<4>(wc, cols, n, xf.data(), tile, kRows); break;
       }
+      auto* yp = reinterpret_cast<uint16_t*>(mat.out.data_ptr<at::BFloat16>());
+      const std::optional<Elems> be =
+          mat.bias.defined() ? std::optional<Elems>(Elems(mat.bias)) : std::nullopt;
       for (int64_t t = 0; t < T; ++t)
         for (int64_t i = 0; i < n; ++i)
-          yp[t * rows + r0 + i] =
+          yp[t * mat.rows + r0 + i] =
               f32_to_bf16_bits(tile[t * kRows + i] + (be ? be->get(r0 + i) : 0.0f));
     }
   });
-#else
-  TORCH_CHECK(false, "linear needs AVX-512");
 #endif
-  return y;
+  std::vector<at::Tensor> outs;
+  for (auto& mat : ms) outs.push_back(mat.out);
+  return outs;
+}
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& weight,
+                  const c10::optional<at::Tensor>& bias) {
+  const c10::optional<at::Tensor> biases[] = {bias};
+  return linear_many(x, {weight}, biases)[0];
 }
 
 bool linear_supported() {
@@ -595,6 +614,8 @@ at::Tensor paged_attention(const at::Tensor& q_in, const at::Tensor& k_in, const
 
 TORCH_LIBRARY_FRAGMENT(gpt_oss_cpu, m) {
   m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor", &gptoss_cpu::linear);
+  m.def("linear_many(Tensor x, Tensor[] weights, Tensor?[] biases) -> Tensor[]",
+        &gptoss_cpu::linear_many);
   m.def("linear_supported() -> bool", &gptoss_cpu::linear_supported);
   m.def("read_probe(Tensor buffer) -> float", &gptoss_cpu::read_probe);
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", &gptoss_cpu::rms_norm);
