@@ -35,21 +35,6 @@ namespace gptoss_cpu {
 
 namespace {
 
-inline float bf16_bits_to_f32(uint16_t h) {
-  const uint32_t u = uint32_t(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-inline uint16_t f32_to_bf16_bits(float f) {  // round to nearest even, NaN kept quiet
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return uint16_t((u >> 16) | 0x40);
-  u += 0x7FFFu + ((u >> 16) & 1u);
-  return uint16_t(u >> 16);
-}
-
 // Reads and writes one element of a bf16 or fp32 tensor's storage as fp32.
 struct Elems {
   void* data;
@@ -57,17 +42,17 @@ struct Elems {
   explicit Elems(const at::Tensor& t)
       : data(t.data_ptr()), bf16(t.scalar_type() == at::kBFloat16) {}
   float get(int64_t i) const {
-    return bf16 ? bf16_bits_to_f32(static_cast<const uint16_t*>(data)[i])
+    return bf16 ? bf16_to_f32(static_cast<const uint16_t*>(data)[i])
                 : static_cast<const float*>(data)[i];
   }
   void set(int64_t i, float v) const {
     if (bf16)
-      static_cast<uint16_t*>(data)[i] = f32_to_bf16_bits(v);
+      static_cast<uint16_t*>(data)[i] = f32_to_bf16(v);
     else
       static_cast<float*>(data)[i] = v;
   }
   // A value as the reference's dtype holds it (a bf16 op rounds its result).
-  float round(float v) const { return bf16 ? bf16_bits_to_f32(f32_to_bf16_bits(v)) : v; }
+  float round(float v) const { return bf16 ? bf16_to_f32(f32_to_bf16(v)) : v; }
 };
 
 void check_float(const at::Tensor& t, const char* what) {
@@ -172,7 +157,7 @@ std::vector<at::Tensor> linear_many(const at::Tensor& x_in, at::TensorList weigh
 #if GPTOSS_X86
   std::vector<float> xf(T * cols);
   const auto* xb = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
-  for (int64_t i = 0; i < T * cols; ++i) xf[i] = bf16_bits_to_f32(xb[i]);
+  for (int64_t i = 0; i < T * cols; ++i) xf[i] = bf16_to_f32(xb[i]);
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     float tile[4 * kRows];
     size_t m = 0;
@@ -194,7 +179,7 @@ std::vector<at::Tensor> linear_many(const at::Tensor& x_in, at::TensorList weigh
       for (int64_t t = 0; t < T; ++t)
         for (int64_t i = 0; i < n; ++i)
           yp[t * mat.rows + r0 + i] =
-              f32_to_bf16_bits(tile[t * kRows + i] + (be ? be->get(r0 + i) : 0.0f));
+              f32_to_bf16(tile[t * kRows + i] + (be ? be->get(r0 + i) : 0.0f));
     }
   });
 #endif
@@ -321,7 +306,7 @@ struct Attend {
 template <typename KV>
 inline float load_kv(const void* p, int64_t i) {
   if constexpr (std::is_same_v<KV, uint16_t>)
-    return bf16_bits_to_f32(static_cast<const uint16_t*>(p)[i]);
+    return bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
   else
     return static_cast<const float*>(p)[i];
 }

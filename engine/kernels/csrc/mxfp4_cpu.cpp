@@ -78,20 +78,6 @@ inline float scale_f32(uint8_t s) {
   return f;
 }
 
-inline uint16_t f32_to_bf16(float f) {  // round to nearest even, NaN kept quiet
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return uint16_t((u >> 16) | 0x40);
-  u += 0x7FFFu + ((u >> 16) & 1u);
-  return uint16_t(u >> 16);
-}
-inline float bf16_to_f32(uint16_t h) {
-  const uint32_t u = uint32_t(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
 // --- the prepared layout of activations ---------------------------------------------------------
 //
 // kF32 (the fp32 paths): per block, its 16 even elements then its 16 odd elements (the low and

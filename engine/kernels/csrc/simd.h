@@ -1,9 +1,32 @@
-// What the CPU kernels' sources share: the x86 detection, target attributes, and vector math.
+// What the CPU kernels' sources share: bf16 conversions, the x86 detection, target attributes, and vector math.
 //
 // Everything vectorised is compiled for baseline x86-64 and carries a target attribute, so one
 // library runs on any x86-64 CPU and each path is chosen at run time.
 
 #pragma once
+
+#include <cstdint>
+#include <cstring>
+
+namespace gptoss_cpu {
+
+// bf16 <-> fp32 on bit patterns (portable: the scalar paths and every ISA's tails use them).
+inline float bf16_to_f32(uint16_t h) {
+  const uint32_t u = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t f32_to_bf16(float f) {  // round to nearest even, NaN kept quiet
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return uint16_t((u >> 16) | 0x40);
+  u += 0x7FFFu + ((u >> 16) & 1u);
+  return uint16_t(u >> 16);
+}
+
+}  // namespace gptoss_cpu
 
 #if defined(__x86_64__) || defined(_M_X64)
 #define GPTOSS_X86 1
