@@ -253,9 +253,14 @@ def _arith(rng: random.Random, effort: str) -> tuple[str, list[Message], dict[st
 # --- tools -------------------------------------------------------------------------------------
 
 
-def _tool_request(rng: random.Random) -> tuple[str, str, dict[str, Any], str]:
+def _tool_request(
+    rng: random.Random, weights: dict[str, int] | None = None
+) -> tuple[str, str, dict[str, Any], str]:
     """(tool, user question, arguments, what the request is about) for one tool use."""
-    tool = rng.choice(tuple(TOOLS))
+    names = tuple(TOOLS)
+    tool = (
+        rng.choices(names, weights=[weights[n] for n in names])[0] if weights else rng.choice(names)
+    )
     if tool == "get_weather":
         city, unit = rng.choice(CITIES), rng.choice(("celsius", "fahrenheit"))
         q = _pick(rng, f"What's the weather in {city} in {unit}?",
@@ -384,13 +389,18 @@ def _history(rng: random.Random) -> list[dict[str, Any]]:
     return [{"role": "user", "content": question}, answer]
 
 
+# How often each kind, and each tool, is drawn in training: the format (a call, a refusal) is
+# learned from few examples; the values (digit facts, the weather's words, which the answer spells
+# with other tokens than the tool's JSON) need many more.
+KIND_WEIGHTS = {"arith": 52, "tool_call": 12, "tool_answer": 30, "refusal": 6}
+TOOL_WEIGHTS = {"get_weather": 2, "add": 1, "lookup_price": 1, "get_time": 1}
+
+
 def generate_example(rng: random.Random, kind: str | None = None) -> Example:
-    kind = (
-        kind
-        or rng.choices(("arith", "tool_call", "tool_answer", "refusal"), weights=(45, 22, 22, 11))[
-            0
-        ]
-    )
+    """One example of `kind`, tools drawn evenly (as the eval asks); with no kind, one drawn with
+    the training mix (KIND_WEIGHTS, TOOL_WEIGHTS)."""
+    tool_weights = None if kind else TOOL_WEIGHTS
+    kind = kind or rng.choices(tuple(KIND_WEIGHTS), weights=tuple(KIND_WEIGHTS.values()))[0]
     effort = rng.choice(EFFORTS)
     messages = _instructions(rng)
     if rng.random() < 0.15:
@@ -402,7 +412,7 @@ def generate_example(rng: random.Random, kind: str | None = None) -> Example:
     elif kind == "refusal":
         question, completion, check, tools = _refusal(rng, effort)
     else:
-        tool, question, args, about = _tool_request(rng)
+        tool, question, args, about = _tool_request(rng, tool_weights)
         tools = _offered(rng, tool)
         args_json = json.dumps(args, separators=(",", ":"))
         call = _assistant(args_json, "commentary", f"functions.{tool}")

@@ -117,7 +117,8 @@ def test_answers_have_the_right_shape(answers: dict[str, list[Message]]) -> None
 
 
 UNDERTRAINED = pytest.mark.xfail(
-    strict=True, reason="the committed demo checkpoint does not copy values yet (see demo.eval)"
+    strict=True,
+    reason="the committed demo checkpoint gets ~70% of sums right, not this one (see demo.eval)",
 )
 
 
@@ -127,7 +128,6 @@ def test_arithmetic_answers_are_right(answers: dict[str, list[Message]]) -> None
         assert "85" in answers[name][-1].content[0].text
 
 
-@UNDERTRAINED
 def test_tool_call_arguments_and_answer(answers: dict[str, list[Message]]) -> None:
     call = answers["tool_call"][-1]
     assert json.loads(call.content[0].text) == {"location": "Oslo", "unit": "celsius"}

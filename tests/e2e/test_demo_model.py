@@ -9,9 +9,8 @@ responses; reasoning kept apart from the answer; `reasoning_effort` changing the
 greedy output identical across runs.
 
 What the model gets right is asserted apart from the plumbing: the values it writes (the city in
-the arguments, the sum, the temperature from the tool) are checked in `UNDERTRAINED` tests, strict
-xfails while the committed checkpoint does not copy values reliably (`python -m demo.eval` gives
-its rates); a better checkpoint makes them pass, and then the markers must go.
+the arguments, the sum, the temperature from the tool) are checked in tests of their own
+(`python -m demo.eval` gives the model's rates over many requests).
 """
 
 from __future__ import annotations
@@ -39,10 +38,6 @@ WEATHER_RESULT = {"location": "Paris", "temperature": 18, "unit": "celsius", "co
 QUESTION = "What's the weather in Paris in celsius?"
 
 pytestmark = pytest.mark.slow
-UNDERTRAINED = pytest.mark.xfail(
-    strict=True,
-    reason="the committed demo checkpoint does not copy values reliably yet (see demo.eval)",
-)
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +134,6 @@ def weather_round_trip(client: OpenAI) -> tuple[dict[str, Any], str]:
     return json.loads(call.function.arguments), final.choices[0].message.content or ""
 
 
-@UNDERTRAINED
 def test_chat_tool_round_trip_values(client: OpenAI) -> None:
     arguments, answer = weather_round_trip(client)
     assert arguments == {"location": "Paris", "unit": "celsius"}
@@ -230,7 +224,6 @@ def test_greedy_output_is_identical_across_runs(client: OpenAI) -> None:
     assert run() == first == run()
 
 
-@UNDERTRAINED
 def test_arithmetic_values(client: OpenAI) -> None:
     for question, answer in (
         ("What is 23 + 45?", "68"),
