@@ -78,7 +78,7 @@ GPTOSS_AVX512 void linear_rows_tile(const uint16_t* w, int64_t cols, int64_t r, 
   for (int i = 0; i < NR; ++i)
     for (int t = 0; t < NT; ++t) acc[i][t] = _mm512_setzero_ps();
   for (int64_t c = 0; c < cols; c += 16) {
-    const __mmask16 m = cols - c >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (cols - c)) - 1);
+    const __mmask16 m = tail_mask16(cols - c);
     __m512 wv[NR];
     for (int i = 0; i < NR; ++i) {
       const uint16_t* p = w + (r + i) * cols + c;
@@ -387,6 +387,15 @@ GPTOSS_AVX512 inline __m512 sum16(const __m512* v) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(u01, u23, 0x88), _mm512_shuffle_f32x4(u01, u23, 0xDD));
 }
 
+// Rows c0 .. c0 + n - 1 of the cache (keys or values: `row(i)` points at row i) as fp32 in `rows`.
+template <typename KV, int DV, typename RowOf>
+GPTOSS_AVX512 inline void widen_rows(RowOf row, int64_t c0, int64_t n, float* rows) {
+  for (int64_t j = 0; j < n; ++j) {
+    const auto* p = static_cast<const KV*>(row(c0 + j));
+    for (int c = 0; c < DV; ++c) _mm512_storeu_ps(rows + j * 16 * DV + 16 * c, load16(p + 16 * c));
+  }
+}
+
 // attend_one, vectorised for head_dim = 16 * DV: each chunk's keys (then values) are widened to
 // fp32 once into `rows` (kKeyChunk x d, stays in L1) and then read by every head of the group.
 template <typename KV, int DV>
@@ -402,10 +411,7 @@ GPTOSS_AVX512 void attend_avx512(const Attend& a, const float* q, int64_t lo, in
   }
   for (int64_t c0 = lo; c0 <= hi; c0 += kKeyChunk) {
     const int64_t n = std::min<int64_t>(kKeyChunk, hi + 1 - c0);
-    for (int64_t j = 0; j < n; ++j) {
-      const auto* kp = static_cast<const KV*>(a.key(c0 + j));
-      for (int c = 0; c < DV; ++c) _mm512_storeu_ps(rows + j * d + 16 * c, load16(kp + 16 * c));
-    }
+    widen_rows<KV, DV>([&](int64_t i) { return a.key(i); }, c0, n, rows);
     for (int64_t h = 0; h < group; ++h) {
       __m512 qh[DV];
       for (int c = 0; c < DV; ++c) qh[c] = _mm512_loadu_ps(q + h * d + 16 * c);
@@ -424,7 +430,7 @@ GPTOSS_AVX512 void attend_avx512(const Attend& a, const float* q, int64_t lo, in
       float* sc = scores + h * kKeyChunk;
       __m512 vmax = _mm512_set1_ps(m[h]);
       for (int64_t j = 0; j < n; j += 16) {
-        const __mmask16 k = n - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1);
+        const __mmask16 k = tail_mask16(n - j);
         vmax = _mm512_mask_max_ps(vmax, k, vmax, _mm512_maskz_loadu_ps(k, sc + j));
       }
       const float top = _mm512_reduce_max_ps(vmax);
@@ -437,17 +443,14 @@ GPTOSS_AVX512 void attend_avx512(const Attend& a, const float* q, int64_t lo, in
       m[h] = top;
       __m512 sum = _mm512_setzero_ps();
       for (int64_t j = 0; j < n; j += 16) {
-        const __mmask16 k = n - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1);
+        const __mmask16 k = tail_mask16(n - j);
         const __m512 p = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, sc + j), _mm512_set1_ps(top)));
         _mm512_mask_storeu_ps(sc + j, k, p);
         sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(k, p));
       }
       l[h] += _mm512_reduce_add_ps(sum);
     }
-    for (int64_t j = 0; j < n; ++j) {
-      const auto* vp = static_cast<const KV*>(a.value(c0 + j));
-      for (int c = 0; c < DV; ++c) _mm512_storeu_ps(rows + j * d + 16 * c, load16(vp + 16 * c));
-    }
+    widen_rows<KV, DV>([&](int64_t i) { return a.value(i); }, c0, n, rows);
     for (int64_t h = 0; h < group; ++h) {
       __m512 o[DV];
       for (int c = 0; c < DV; ++c) o[c] = _mm512_loadu_ps(out + h * d + 16 * c);

@@ -207,7 +207,7 @@ GPTOSS_AVX2 void rows_avx2_t(const Mx& w, int64_t r0, int64_t r1, const float* c
 
 // 16 scales (fp32) from 16 E8M0 bytes at s, `n` of them valid (the rest read as 0, never loaded).
 GPTOSS_AVX512 inline __m512 scales16(const uint8_t* s, int64_t n) {
-  const __mmask16 m = n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+  const __mmask16 m = tail_mask16(n);
   const __m512i v = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, s));
   // s = 0 would give +0: the max lifts it to 2^-127's bits, all other scales are larger.
   return _mm512_castsi512_ps(

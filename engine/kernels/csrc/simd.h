@@ -37,6 +37,11 @@ inline uint16_t f32_to_bf16(float f) {  // round to nearest even, NaN kept quiet
 
 namespace gptoss_cpu {
 
+// The lanes of a 16-lane step that hold data when `count` elements are left (all 16 past that).
+inline __mmask16 tail_mask16(int64_t count) {
+  return count >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << count) - 1);
+}
+
 // exp(x) for fp32 lanes, to about 1 ulp: x = n ln2 + r with |r| <= ln2 / 2, a degree-7 polynomial
 // for exp(r) (Cephes' expf coefficients), then scalef multiplies by 2^n without overflow.
 GPTOSS_AVX512 inline __m512 exp512(__m512 x) {
