@@ -158,7 +158,7 @@ def train(args: argparse.Namespace, rank: int = 0, world: int = 1) -> dict:
     rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embedding" not in n)]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}],
-        lr=args.lr, betas=(0.9, 0.95),
+        lr=args.lr, betas=(0.9, 0.95), fused=True,
     )  # fmt: skip
     loss_avg = None
     t_train = time.perf_counter()
