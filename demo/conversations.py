@@ -170,8 +170,8 @@ def _digits_work(a: int, b: int, op: str) -> str:
     return " ".join(steps)
 
 
-def _arith_problem(rng: random.Random) -> tuple[str, str, int, str]:
-    """(question, expression, answer, high-effort working) for one random problem."""
+def _arith_problem(rng: random.Random) -> tuple[str, str, str, int, str]:
+    """(kind, question, expression, answer, high-effort working) for one random problem."""
     kind = rng.choice(("add", "add", "sub", "sub", "mul", "unit"))
     if kind == "add":
         a, b = rng.randint(0, 99), rng.randint(0, 99)
@@ -179,7 +179,7 @@ def _arith_problem(rng: random.Random) -> tuple[str, str, int, str]:
         q = _pick(rng, f"What is {a} + {b}?", f"What is {a} plus {b}?", f"Add {a} and {b}.",
                   f"Compute {a} + {b}.", f"{a} + {b} = ?", f"How much is {a} plus {b}?",
                   f"Please add {a} to {b}.", f"what's {a}+{b}")  # fmt: skip
-        return q, expr, answer, _digits_work(a, b, "+")
+        return kind, q, expr, answer, _digits_work(a, b, "+")
     if kind == "sub":
         a = rng.randint(0, 99)
         b = rng.randint(0, a)
@@ -187,7 +187,7 @@ def _arith_problem(rng: random.Random) -> tuple[str, str, int, str]:
         q = _pick(rng, f"What is {a} - {b}?", f"What is {a} minus {b}?", f"Subtract {b} from {a}.",
                   f"Compute {a} - {b}.", f"{a} - {b} = ?", f"How much is {a} minus {b}?",
                   f"what's {a}-{b}", f"Take {b} away from {a}.")  # fmt: skip
-        return q, expr, answer, _digits_work(a, b, "-")
+        return kind, q, expr, answer, _digits_work(a, b, "-")
     if kind == "mul":
         a, b = rng.randint(0, 12), rng.randint(0, 9)
         if rng.random() < 0.5:
@@ -201,7 +201,7 @@ def _arith_problem(rng: random.Random) -> tuple[str, str, int, str]:
             if b <= 3
             else (f"{a} * {b} is {answer} from the times table.")
         )
-        return q, expr, answer, work
+        return kind, q, expr, answer, work
     big, small, factor = rng.choice((
         ("kilometers", "meters", 1000), ("meters", "centimeters", 100),
         ("centimeters", "millimeters", 10), ("kilograms", "grams", 1000),
@@ -216,18 +216,18 @@ def _arith_problem(rng: random.Random) -> tuple[str, str, int, str]:
         work = (
             f"One of the {big} is {factor} {small}, so multiply {n} by {factor}: add {zeros} zeros."
         )
-        return q, expr, answer, work
+        return kind, q, expr, answer, work
     value = n * factor
     expr, answer = f"{value} / {factor}", n
     q = _pick(rng, f"How many {big} are {value} {small}?", f"Convert {value} {small} to {big}.",
               f"What is {value} {small} in {big}?", f"{value} {small} is how many {big}?")  # fmt: skip
     zeros = len(str(factor)) - 1
     work = f"{factor} {small} make one of the {big}, so divide {value} by {factor}: drop {zeros} zeros."
-    return q, expr, answer, work
+    return kind, q, expr, answer, work
 
 
 def _arith(rng: random.Random, effort: str) -> tuple[str, list[Message], dict[str, Any]]:
-    question, expr, answer, work = _arith_problem(rng)
+    problem, question, expr, answer, work = _arith_problem(rng)
     # Every effort writes the working out (column by column, a table fact, or zeros to add or
     # drop): a few million parameters learn single-digit facts and copying, not 2-digit sums at
     # a glance. The effort adds framing around it, so the analysis still grows with the effort.
@@ -247,7 +247,7 @@ def _arith(rng: random.Random, effort: str) -> tuple[str, list[Message], dict[st
     final = _pick(rng, f"{expr} = {answer}.", f"The answer is {answer}.", f"It is {answer}.",
                   f"{answer}", f"The result is {answer}.")  # fmt: skip
     completion = [_assistant(analysis, "analysis"), _assistant(final, "final")]
-    return question, completion, {"answer": answer}
+    return question, completion, {"answer": answer, "problem": problem}
 
 
 # --- tools -------------------------------------------------------------------------------------

@@ -109,6 +109,7 @@ class Evaluator:
         self.max_tokens = max_tokens
         self.counts: dict[str, list[bool]] = defaultdict(list)
         self.analysis_chars: dict[str, list[int]] = defaultdict(list)
+        self.arithmetic_by_problem: dict[str, list[bool]] = defaultdict(list)
         self.failures: list[str] = []
 
     def record(self, name: str, ok: bool, detail: str = "") -> None:
@@ -156,6 +157,7 @@ class Evaluator:
             numbers = re.findall(r"-?\d+", content)
             ok = not calls and bool(numbers) and int(numbers[-1]) == example.check["answer"]
             self.record("arithmetic correct", ok, f"{_question(example)!r} -> {content!r}")
+            self.arithmetic_by_problem[example.check["problem"]].append(ok)
             reasoning = message.get("reasoning") or message.get("reasoning_content") or ""
             self.analysis_chars[example.reasoning_effort].append(len(reasoning))
         elif example.kind == "refusal":
@@ -243,6 +245,10 @@ async def evaluate(
     figures: dict[str, Any] = {
         name: {"ok": sum(v), "n": len(v), "rate": round(sum(v) / len(v), 4)}
         for name, v in evaluator.counts.items()
+    }
+    figures["arithmetic_by_problem"] = {
+        problem: f"{sum(v)}/{len(v)}"
+        for problem, v in sorted(evaluator.arithmetic_by_problem.items())
     }
     figures["analysis_chars_by_effort"] = {
         effort: round(statistics.mean(v), 1)

@@ -5,6 +5,8 @@
   messages exactly as generated (a tool call on commentary with `<|constrain|>json`, a final
   answer ending `<|return|>`).
 - The analysis is longer at a higher reasoning effort, for every kind of example.
+- Training draws kinds and tools with its weights; a requested kind draws tools and problems
+  evenly, and every arithmetic example names its kind of problem as its working shows.
 - The trained BPE round-trips text, spells digits one per token, carries the harmony specials by
   name, and its written files load back through `harmony.tokens` into the same encoding.
 """
@@ -13,13 +15,24 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import statistics
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from demo.bpe import DEMO_PATTERN, RecordingEncoding, build_encoding, train_bpe, write_vocabulary
-from demo.conversations import EFFORTS, TOOLS, generate, generate_example, render_example
+from demo.conversations import (
+    EFFORTS,
+    KIND_WEIGHTS,
+    TOOL_WEIGHTS,
+    TOOLS,
+    Example,
+    generate,
+    generate_example,
+    render_example,
+)
 from harmony import HarmonyEncoding, Renderer, Role, parse_messages
 from harmony.tokens import REQUIRED_SPECIAL_TOKENS, encoding_from_tiktoken_file
 
@@ -85,6 +98,39 @@ def test_analysis_grows_with_reasoning_effort(kind: str) -> None:
     low, medium, high = (statistics.mean(lengths[e]) for e in EFFORTS)
     assert low < medium < high
     assert max(lengths["low"]) < min(lengths["high"])
+
+
+def _problem(example: Example) -> str:
+    """The kind of arithmetic problem, read from its working (as `check["problem"]` says)."""
+    analysis = example.completion[0].content[0].text
+    if "zeros" in analysis:
+        kind = "unit"
+    else:
+        kind = {"+": "add", "-": "sub", "*": "mul"}[re.search(r"\d ([-+*]) \d", analysis).group(1)]
+    assert example.check["problem"] == kind
+    return kind
+
+
+def _shares(counts: Counter[str], weights: dict[str, int]) -> dict[str, tuple[float, float]]:
+    """(drawn share, expected share) per name."""
+    n, total = sum(counts.values()), sum(weights.values())
+    return {name: (counts[name] / n, weight / total) for name, weight in weights.items()}
+
+
+def test_training_mix_follows_its_weights_and_a_requested_kind_draws_evenly() -> None:
+    rng = random.Random("mix")
+    drawn = [generate_example(rng) for _ in range(4000)]
+    tools = [e.check["tool"] for e in drawn if e.kind in ("tool_call", "tool_answer")]
+    for counts, weights in ((Counter(e.kind for e in drawn), KIND_WEIGHTS),
+                            (Counter(tools), TOOL_WEIGHTS)):  # fmt: skip
+        for name, (share, expected) in _shares(counts, weights).items():
+            assert share == pytest.approx(expected, abs=0.04), (name, share, expected)
+    even = Counter(_problem(generate_example(rng, "arith")) for _ in range(2000))
+    for name, (share, expected) in _shares(even, {"add": 2, "sub": 2, "mul": 1, "unit": 1}).items():
+        assert share == pytest.approx(expected, abs=0.04), (name, share, expected)
+    calls = Counter(generate_example(rng, "tool_call").check["tool"] for _ in range(2000))
+    for name, (share, expected) in _shares(calls, dict.fromkeys(TOOLS, 1)).items():
+        assert share == pytest.approx(expected, abs=0.04), (name, share, expected)
 
 
 def test_bpe_round_trips_and_spells_digits(encoding: HarmonyEncoding) -> None:
