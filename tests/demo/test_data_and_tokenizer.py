@@ -111,26 +111,24 @@ def _problem(example: Example) -> str:
     return kind
 
 
-def _shares(counts: Counter[str], weights: dict[str, int]) -> dict[str, tuple[float, float]]:
-    """(drawn share, expected share) per name."""
+def _assert_shares(counts: Counter[str], weights: dict[str, int]) -> None:
+    """Each name drawn in its weight's share of all draws, to within 4 points."""
     n, total = sum(counts.values()), sum(weights.values())
-    return {name: (counts[name] / n, weight / total) for name, weight in weights.items()}
+    for name, weight in weights.items():
+        share, expected = counts[name] / n, weight / total
+        assert share == pytest.approx(expected, abs=0.04), (name, share, expected)
 
 
 def test_training_mix_follows_its_weights_and_a_requested_kind_draws_evenly() -> None:
     rng = random.Random("mix")
     drawn = [generate_example(rng) for _ in range(4000)]
+    _assert_shares(Counter(e.kind for e in drawn), KIND_WEIGHTS)
     tools = [e.check["tool"] for e in drawn if e.kind in ("tool_call", "tool_answer")]
-    for counts, weights in ((Counter(e.kind for e in drawn), KIND_WEIGHTS),
-                            (Counter(tools), TOOL_WEIGHTS)):  # fmt: skip
-        for name, (share, expected) in _shares(counts, weights).items():
-            assert share == pytest.approx(expected, abs=0.04), (name, share, expected)
+    _assert_shares(Counter(tools), TOOL_WEIGHTS)
     even = Counter(_problem(generate_example(rng, "arith")) for _ in range(2000))
-    for name, (share, expected) in _shares(even, {"add": 2, "sub": 2, "mul": 1, "unit": 1}).items():
-        assert share == pytest.approx(expected, abs=0.04), (name, share, expected)
+    _assert_shares(even, {"add": 2, "sub": 2, "mul": 1, "unit": 1})
     calls = Counter(generate_example(rng, "tool_call").check["tool"] for _ in range(2000))
-    for name, (share, expected) in _shares(calls, dict.fromkeys(TOOLS, 1)).items():
-        assert share == pytest.approx(expected, abs=0.04), (name, share, expected)
+    _assert_shares(calls, dict.fromkeys(TOOLS, 1))
 
 
 def test_bpe_round_trips_and_spells_digits(encoding: HarmonyEncoding) -> None:
