@@ -13,6 +13,9 @@ training set is skipped) as chat completions with greedy decoding, several at a 
   server renders for it; the raw output (re-tokenized: special tokens by name) must parse in
   strict mode up to its `<|return|>` or `<|call|>`;
 - reasoning effort: the mean analysis length (characters) of the arithmetic answers per effort.
+
+Arithmetic is also tallied by kind of problem, and exact tool arguments by tool (a city copied
+wrong shows there, while its call still validates and its result is still used).
 """
 
 from __future__ import annotations
@@ -110,6 +113,7 @@ class Evaluator:
         self.counts: dict[str, list[bool]] = defaultdict(list)
         self.analysis_chars: dict[str, list[int]] = defaultdict(list)
         self.arithmetic_by_problem: dict[str, list[bool]] = defaultdict(list)
+        self.arguments_by_tool: dict[str, list[bool]] = defaultdict(list)
         self.failures: list[str] = []
 
     def record(self, name: str, ok: bool, detail: str = "") -> None:
@@ -178,7 +182,9 @@ class Evaluator:
         valid = name in TOOLS and validates(arguments, TOOLS[name]["parameters"])
         right = name == expected and valid
         self.record("right tool, valid JSON arguments", right, f"{_question(example)!r} -> {calls}")
-        self.record("tool arguments exactly right", arguments == example.check["arguments"])
+        exact = arguments == example.check["arguments"]
+        self.record("tool arguments exactly right", exact, f"{_question(example)!r} -> {arguments}")
+        self.arguments_by_tool[expected].append(exact)
         if not right:
             self.record("tool result used in the answer", False, "no valid call to answer from")
             return
@@ -246,10 +252,8 @@ async def evaluate(
         name: {"ok": sum(v), "n": len(v), "rate": round(sum(v) / len(v), 4)}
         for name, v in evaluator.counts.items()
     }
-    figures["arithmetic_by_problem"] = {
-        problem: f"{sum(v)}/{len(v)}"
-        for problem, v in sorted(evaluator.arithmetic_by_problem.items())
-    }
+    figures["arithmetic_by_problem"] = _tally(evaluator.arithmetic_by_problem)
+    figures["arguments_by_tool"] = _tally(evaluator.arguments_by_tool)
     figures["analysis_chars_by_effort"] = {
         effort: round(statistics.mean(v), 1)
         for effort, v in sorted(evaluator.analysis_chars.items())
@@ -257,6 +261,11 @@ async def evaluate(
     figures["examples"] = len(examples)
     figures["seconds"] = round(time.perf_counter() - started, 1)
     return figures
+
+
+def _tally(outcomes: dict[str, list[bool]]) -> dict[str, str]:
+    """`right/all` per name, names sorted."""
+    return {name: f"{sum(v)}/{len(v)}" for name, v in sorted(outcomes.items())}
 
 
 def main(argv: list[str] | None = None) -> int:
