@@ -21,6 +21,10 @@ ARG TORCH_SPEC=torch==2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
+# A compiler for the fused CPU kernels, in this stage only (see the prebuild step below).
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends g++ ninja-build \
+    && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 # torch and what it needs go in a directory of their own (put on the venv's path by a .pth file):
@@ -31,6 +35,10 @@ WORKDIR /src
 COPY . .
 # Not editable: the packages and their package data are copied into the venv.
 RUN pip install . && pip check
+# The fused CPU kernels (MXFP4 experts, decode matmuls, attention) compiled into the installed
+# package: the runtime stage has no compiler, and without them it would serve with the PyTorch
+# reference kernels, several times slower. -P: import the installed package, not /src's copy.
+RUN python -P -m engine.kernels.prebuild
 
 FROM ${BASE_IMAGE}
 RUN useradd --user-group --uid 10001 --create-home --home-dir /home/gpt-oss gpt-oss \

@@ -341,7 +341,8 @@ def _build(spec: EngineSpec, conn: Connection) -> LLMEngine:
     engine = LLMEngine(model, config, spec.grammar_vocabulary)
     started = time.perf_counter()
     engine.warm_up()
-    logger.info("warm-up step done in %.1f s", time.perf_counter() - started)
+    elapsed = time.perf_counter() - started
+    logger.info("warm-up step done in %.1f s (kernels: %s)", elapsed, model.kernels.name)
     return engine
 
 

@@ -7,8 +7,11 @@ the signatures of `reference.py` (and `F.linear`), their specification.
 The C++ sources are compiled once per machine with `torch.utils.cpp_extension` (a C++ compiler
 and ninja are needed) into a cache directory named by a hash of the sources, the flags and the
 torch and Python versions, so an edited source or another torch builds afresh and an unchanged one
-is only loaded. When it cannot be built (no compiler, a failed build, a cache that cannot be written)
-`load()` logs why, once, and returns False: callers then use the PyTorch reference kernels.
+is only loaded. A library compiled into the installed package beforehand (`python -m
+engine.kernels.prebuild`, the container image's build step: its runtime has no compiler) is
+loaded first, under the same hash. When it cannot be built (no compiler, a failed build, a cache
+that cannot be written) `load()` logs why, once, and returns False: callers then use the PyTorch
+reference kernels.
 
 The instruction set is picked at run time (`best_isa()`); every op takes an `isa` argument so
 tests can force each path this CPU supports.
@@ -45,6 +48,8 @@ _SOURCES = tuple(
     Path(__file__).resolve().parent / "csrc" / name for name in ("mxfp4_cpu.cpp", "dense_cpu.cpp")
 )
 _NAME = "gpt_oss_cpu_kernels"
+# Libraries compiled at install time, one directory per build key (see `prebuild`).
+PREBUILT_ROOT = Path(__file__).resolve().parent / "prebuilt"
 # No -march: the library must run on any x86-64 (the cache may be shared by a container image
 # built elsewhere); each vector path carries its own target attribute and is chosen at run time.
 # -fopenmp: ATen's parallel_for is a header template that runs serially unless compiled with
@@ -100,9 +105,15 @@ def load() -> bool:
 
 
 def build_and_load() -> bool:
-    """Load the library from the cache, compiling it there first if needed (uncached: `load`)."""
+    """Load the library: the prebuilt one, else the cached one, compiling it there first if
+    needed (uncached: `load`)."""
     try:
-        directory = _writable_build_dir(_build_key())
+        key = _build_key()
+        prebuilt = PREBUILT_ROOT / key / f"{_NAME}.so"
+        if prebuilt.is_file():
+            torch.ops.load_library(str(prebuilt))
+            return True
+        directory = _writable_build_dir(key)
         library = directory / f"{_NAME}.so"
         if library.is_file():
             torch.ops.load_library(str(library))
@@ -113,15 +124,7 @@ def build_and_load() -> bool:
             return False
         logger.info("compiling the fused CPU kernels (once; about a minute) in %s", directory)
         start = time.perf_counter()
-        cpp_extension.load(
-            name=_NAME,
-            sources=[str(source) for source in _SOURCES],
-            extra_cflags=list(_CFLAGS),
-            extra_ldflags=list(_LDFLAGS),
-            build_directory=str(directory),
-            is_python_module=False,
-            verbose=False,
-        )
+        _compile(directory)
         logger.info("fused CPU kernels built in %.0f s", time.perf_counter() - start)
         return True
     except (OSError, RuntimeError, ImportError, subprocess.CalledProcessError) as exc:
@@ -129,6 +132,34 @@ def build_and_load() -> bool:
         reason = lines[-1] if lines else type(exc).__name__
         logger.warning("fused CPU kernels could not be built (%s); %s", reason, _FALLBACK)
         return False
+
+
+def prebuild() -> Path:
+    """Compile the library into the installed package (`PREBUILT_ROOT`), where `build_and_load`
+    finds it on a machine without a compiler; returns its path. Raises what the build raised."""
+    missing = _missing_tools()
+    if missing is not None:
+        raise RuntimeError(f"cannot prebuild the fused CPU kernels: {missing}")
+    directory = PREBUILT_ROOT / _build_key()
+    directory.mkdir(parents=True, exist_ok=True)
+    _compile(directory)
+    for leftover in directory.iterdir():  # objects and the ninja file: only the library ships
+        if leftover.name != f"{_NAME}.so":
+            leftover.unlink()
+    return directory / f"{_NAME}.so"
+
+
+def _compile(directory: Path) -> None:
+    """Compile the sources into `directory`/`_NAME`.so and load it."""
+    cpp_extension.load(
+        name=_NAME,
+        sources=[str(source) for source in _SOURCES],
+        extra_cflags=list(_CFLAGS),
+        extra_ldflags=list(_LDFLAGS),
+        build_directory=str(directory),
+        is_python_module=False,
+        verbose=False,
+    )
 
 
 def best_isa() -> str:

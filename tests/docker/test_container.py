@@ -1,4 +1,5 @@
-"""The CPU image, built and run for real with podman: health, one chat completion, a clean stop.
+"""The CPU image, built and run for real with podman: health, one chat completion, a clean stop,
+the fused CPU kernels in use.
 
 Needs podman, runc and the local base image that `scripts/container_prereqs.sh` installs and
 makes (CI runs it first). Without them the test skips and says so, except under CI=true, where
@@ -231,6 +232,8 @@ def test_the_container_serves_and_stops_cleanly(
     assert exit_code == "0", f"exit code {exit_code} after {stop_took[0]:.1f} s:\n{logs[-3000:]}"
     assert stop_took[0] < STOP_TIMEOUT_S
     assert "Traceback" not in logs, logs[-3000:]
+    # The image has no compiler: the fused CPU kernels compiled in its builder stage are used.
+    assert "(kernels: cpu-" in logs, logs[-3000:]
 
 
 def test_the_image_serves_the_bundled_demo_with_no_arguments(podman: Podman, image: str) -> None:

@@ -10,6 +10,11 @@ bf16 reference is). Skipped, with the reason, where the extension cannot be buil
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -221,6 +226,41 @@ def test_without_a_compiler_the_reference_path_is_used_and_says_why(
     assert select_kernels("auto", "cpu") is REFERENCE
     with pytest.raises(RuntimeError, match="could not be built"):
         select_kernels("cpu", "cpu")
+
+
+def test_a_prebuilt_library_is_loaded_without_a_compiler(tmp_path) -> None:
+    """The container image's case: the library sits in the package's prebuilt directory under
+    its build key, the cache is empty and there is no compiler. A fresh interpreter (a process
+    loads the operators once) loads it and runs the fused experts."""
+    key = cpu._build_key()
+    built = next(
+        path
+        for path in (cpu.PREBUILT_ROOT / key / "gpt_oss_cpu_kernels.so",
+                     cpu._writable_build_dir(key) / "gpt_oss_cpu_kernels.so")
+        if path.is_file()
+    )  # fmt: skip
+    prebuilt = tmp_path / "prebuilt"
+    (prebuilt / key).mkdir(parents=True)
+    shutil.copy2(built, prebuilt / key / built.name)
+    script = f"""
+import logging, pathlib, torch
+logging.basicConfig(level=logging.WARNING)
+from engine.kernels import cpu
+from engine.kernels.mxfp4 import quantize_mxfp4
+cpu.PREBUILT_ROOT = pathlib.Path({str(prebuilt)!r})
+assert cpu.build_and_load()
+print(cpu.best_isa(), cpu.mxfp4_linear(torch.ones(1, 32), *quantize_mxfp4(torch.randn(4, 32))).shape)
+"""
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "empty-cache"), "CXX": "no-such-cxx"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], check=False, env=env, capture_output=True, text=True,
+        timeout=120, cwd=Path(__file__).resolve().parents[2],
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[0] == cpu.best_isa(), result.stdout
+    assert "torch.Size([1, 4])" in result.stdout
+    assert not list((tmp_path / "empty-cache").rglob("*.so")), "it compiled instead"
+    assert "fused CPU kernels" not in result.stderr  # no warning: no fallback
 
 
 # --- the dense-side ops: RMSNorm, RoPE, paged attention ------------------------------------------
