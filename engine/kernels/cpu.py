@@ -58,6 +58,11 @@ _CFLAGS = ("-O3", "-std=c++17", "-fno-math-errno", "-fopenmp")
 _LDFLAGS = ("-fopenmp",)
 
 
+def library_path(root: Path, key: str) -> Path:
+    """Where the library built for `key` lives under a build root (prebuilt or cache)."""
+    return root / key / f"{_NAME}.so"
+
+
 def _cache_root() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "gpt-oss-server" / "cpu-kernels"
@@ -109,12 +114,12 @@ def build_and_load() -> bool:
     needed (uncached: `load`)."""
     try:
         key = _build_key()
-        prebuilt = PREBUILT_ROOT / key / f"{_NAME}.so"
+        prebuilt = library_path(PREBUILT_ROOT, key)
         if prebuilt.is_file():
             torch.ops.load_library(str(prebuilt))
             return True
         directory = _writable_build_dir(key)
-        library = directory / f"{_NAME}.so"
+        library = library_path(directory.parent, key)
         if library.is_file():
             torch.ops.load_library(str(library))
             return True
@@ -140,13 +145,13 @@ def prebuild() -> Path:
     missing = _missing_tools()
     if missing is not None:
         raise RuntimeError(f"cannot prebuild the fused CPU kernels: {missing}")
-    directory = PREBUILT_ROOT / _build_key()
-    directory.mkdir(parents=True, exist_ok=True)
-    _compile(directory)
-    for leftover in directory.iterdir():  # objects and the ninja file: only the library ships
-        if leftover.name != f"{_NAME}.so":
+    library = library_path(PREBUILT_ROOT, _build_key())
+    library.parent.mkdir(parents=True, exist_ok=True)
+    _compile(library.parent)
+    for leftover in library.parent.iterdir():  # objects and the ninja file: only the library ships
+        if leftover != library:
             leftover.unlink()
-    return directory / f"{_NAME}.so"
+    return library
 
 
 def _compile(directory: Path) -> None:

@@ -231,17 +231,18 @@ def test_without_a_compiler_the_reference_path_is_used_and_says_why(
 def test_a_prebuilt_library_is_loaded_without_a_compiler(tmp_path) -> None:
     """The container image's case: the library sits in the package's prebuilt directory under
     its build key, the cache is empty and there is no compiler. A fresh interpreter (a process
-    loads the operators once) loads it and runs the fused experts."""
+    loads the operators once) loads it and runs an MXFP4 matmul with it."""
     key = cpu._build_key()
     built = next(
         path
-        for path in (cpu.PREBUILT_ROOT / key / "gpt_oss_cpu_kernels.so",
-                     cpu._writable_build_dir(key) / "gpt_oss_cpu_kernels.so")
+        for path in (cpu.library_path(cpu.PREBUILT_ROOT, key),
+                     cpu.library_path(cpu._writable_build_dir(key).parent, key))
         if path.is_file()
     )  # fmt: skip
     prebuilt = tmp_path / "prebuilt"
-    (prebuilt / key).mkdir(parents=True)
-    shutil.copy2(built, prebuilt / key / built.name)
+    copied = cpu.library_path(prebuilt, key)
+    copied.parent.mkdir(parents=True)
+    shutil.copy2(built, copied)
     script = f"""
 import logging, pathlib, torch
 logging.basicConfig(level=logging.WARNING)
