@@ -6,6 +6,8 @@ an evaluator checks (`check`). Kinds:
 
 - `arith`: addition/subtraction under 100, small multiplications, unit conversions by 10/100/1000;
   a short analysis (longer with the reasoning effort: digit by digit at high), then the answer.
+- `drill`: a dozen single-digit facts (the steps of that working) asked at once, answered one per
+  line: training data only, to give the facts more of the training.
 - `tool_call`: a request one offered function tool serves: analysis, then a call on the commentary
   channel with `<|constrain|>json` arguments.
 - `tool_answer`: the same conversation continued with the call and the tool's result: the final
@@ -250,6 +252,48 @@ def _arith(rng: random.Random, effort: str) -> tuple[str, list[Message], dict[st
     return question, completion, {"answer": answer, "problem": problem}
 
 
+def _digit_fact(rng: random.Random) -> tuple[str, int]:
+    """One of the single-digit facts the working above is made of, drawn evenly within its kind:
+    a column sum (with or without the carry), a column difference (after a borrow the top digit is
+    10 to 18), or a times-table product."""
+    op = rng.choice(("+", "+", "-", "-", "*"))
+    if op == "+":
+        x, y, carry = rng.randint(0, 9), rng.randint(0, 9), rng.randint(0, 1)
+        return (f"{x} + {y} + 1" if carry else f"{x} + {y}"), x + y + carry
+    if op == "-":
+        y, difference = rng.randint(0, 9), rng.randint(0, 9)
+        return f"{y + difference} - {y}", difference
+    a, b = rng.randint(0, 12), rng.randint(0, 9)
+    if rng.random() < 0.5:
+        a, b = b, a
+    return f"{a} * {b}", a * b
+
+
+def _drill(rng: random.Random, effort: str) -> tuple[str, list[Message], dict[str, Any]]:
+    """Many single-digit facts asked at once, answered one per line.
+
+    An arithmetic question holds one or two such facts among ~50 completion tokens; a drill holds
+    a dozen, so the facts (what the model gets wrong longest) are seen several times as often for
+    the same training time.
+    """
+    facts = [_digit_fact(rng) for _ in range(rng.randint(8, 16))]
+    listed = ", ".join(expr for expr, _ in facts)
+    question = _pick(rng, f"Quick practice: {listed}.", f"Drill: {listed}", f"Answer each: {listed}",
+                     f"Work these out: {listed}.", f"Solve: {listed}")  # fmt: skip
+    if effort == "low":
+        analysis = "One result per line."
+    elif effort == "medium":
+        analysis = f"{len(facts)} small facts. Give one result per line."
+    else:
+        analysis = (
+            f"The user lists {len(facts)} single-digit facts. Work out each one and give the "
+            "results in the same order, one per line."
+        )
+    final = "\n".join(f"{expr} = {value}" for expr, value in facts)
+    completion = [_assistant(analysis, "analysis"), _assistant(final, "final")]
+    return question, completion, {"answers": [value for _, value in facts]}
+
+
 # --- tools -------------------------------------------------------------------------------------
 
 
@@ -392,7 +436,7 @@ def _history(rng: random.Random) -> list[dict[str, Any]]:
 # How often each kind, and each tool, is drawn in training: the format (a call, a refusal) is
 # learned from few examples; the values (digit facts, the weather's words, which the answer spells
 # with other tokens than the tool's JSON) need many more.
-KIND_WEIGHTS = {"arith": 52, "tool_call": 12, "tool_answer": 30, "refusal": 6}
+KIND_WEIGHTS = {"arith": 44, "drill": 12, "tool_call": 10, "tool_answer": 30, "refusal": 4}
 TOOL_WEIGHTS = {"get_weather": 2, "add": 1, "lookup_price": 1, "get_time": 1}
 
 
@@ -406,8 +450,8 @@ def generate_example(rng: random.Random, kind: str | None = None) -> Example:
     if rng.random() < 0.15:
         messages += _history(rng)
     today = _random_date(rng)
-    if kind == "arith":
-        question, completion, check = _arith(rng, effort)
+    if kind in ("arith", "drill"):
+        question, completion, check = (_arith if kind == "arith" else _drill)(rng, effort)
         tools = [] if rng.random() < 0.7 else _offered(rng, None)
     elif kind == "refusal":
         question, completion, check, tools = _refusal(rng, effort)

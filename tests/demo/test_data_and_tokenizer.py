@@ -7,6 +7,9 @@
 - The analysis is longer at a higher reasoning effort, for every kind of example.
 - Training draws kinds and tools with its weights; a requested kind draws tools and problems
   evenly, and every arithmetic example names its kind of problem as its working shows.
+- A drill's answers are right and are the facts the column working uses: sums of two digits (with
+  or without a carry), differences with a top digit up to 18, and the whole times table, each kind
+  in its share.
 - The trained BPE round-trips text, spells digits one per token, carries the harmony specials by
   name, and its written files load back through `harmony.tokens` into the same encoding.
 """
@@ -36,7 +39,7 @@ from demo.conversations import (
 from harmony import HarmonyEncoding, Renderer, Role, parse_messages
 from harmony.tokens import REQUIRED_SPECIAL_TOKENS, encoding_from_tiktoken_file
 
-KINDS = ("arith", "tool_call", "tool_answer", "refusal")
+KINDS = ("arith", "drill", "tool_call", "tool_answer", "refusal")
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +132,39 @@ def test_training_mix_follows_its_weights_and_a_requested_kind_draws_evenly() ->
     _assert_shares(even, {"add": 2, "sub": 2, "mul": 1, "unit": 1})
     calls = Counter(generate_example(rng, "tool_call").check["tool"] for _ in range(2000))
     _assert_shares(calls, dict.fromkeys(TOOLS, 1))
+
+
+def test_drill_answers_are_the_facts_the_working_uses() -> None:
+    rng = random.Random("drill")
+    seen: Counter[str] = Counter()
+    for _ in range(1000):
+        example = generate_example(rng, "drill")
+        asked = example.messages[-1]["content"]
+        lines = example.completion[-1].content[0].text.split("\n")
+        assert example.check["answers"] == [int(line.split(" = ")[1]) for line in lines]
+        for line in lines:
+            expr, answer = line.split(" = ")
+            assert expr in asked
+            x, op, y, *carry = expr.split(" ")
+            a, b, value = int(x), int(y), int(answer)
+            assert carry in ([], ["+", "1"]) and (not carry or op == "+")
+            if op == "+":
+                assert a <= 9 and b <= 9 and value == a + b + len(carry) // 2
+                seen["sum"] += 1
+            elif op == "-":
+                assert b <= 9 and 0 <= value == a - b <= 9
+                seen["difference"] += 1
+            else:
+                assert op == "*" and max(a, b) <= 12 and min(a, b) <= 9 and value == a * b
+                seen[expr] += 1
+    # Every product of the times table turns up (0-12 by 0-9, both orders), and each kind in its
+    # share: sums and differences 2 of 5, products 1.
+    products = {e: n for e, n in seen.items() if " * " in e}
+    assert len(products) == 13 * 10 * 2 - 10 * 10
+    shares = {"sum": 2, "difference": 2, "product": 1}
+    counts = Counter({k: seen[k] for k in ("sum", "difference")})
+    counts["product"] = sum(products.values())
+    _assert_shares(counts, shares)
 
 
 def test_bpe_round_trips_and_spells_digits(encoding: HarmonyEncoding) -> None:
