@@ -116,13 +116,6 @@ def test_answers_have_the_right_shape(answers: dict[str, list[Message]]) -> None
     assert all(isinstance(v, str) for v in arguments.values())
 
 
-UNDERTRAINED = pytest.mark.xfail(
-    strict=True,
-    reason="the committed demo checkpoint gets ~70% of sums right, not this one (see demo.eval)",
-)
-
-
-@UNDERTRAINED
 def test_arithmetic_answers_are_right(answers: dict[str, list[Message]]) -> None:
     for name in ("arith_low", "arith_high"):
         assert "85" in answers[name][-1].content[0].text
