@@ -11,7 +11,7 @@ matchers) as a share of the free step. Same prompts, seeds and logit bias in eve
 keeps the analysis short and bans every token with a `]` in it (weakly: a bias never overrides
 the mask) so that the array, and with it the constrained run, never ends early.
 
-Models: `tiny` (the tiny random preset, with the demo's vocabulary of 1,233 ids), `demo` (the
+Models: `tiny` (the tiny random preset, with the demo checkpoint's vocabulary), `demo` (the
 bundled demo checkpoint: 4 layers, hidden 192), and `tiny-o200k` (the tiny preset with the
 official o200k_harmony vocabulary, 201,088 ids, from ../shared/tiktoken: the real vocabulary's
 mask cost beside a step that is very cheap; skipped when the file is absent).
