@@ -58,9 +58,9 @@ _CFLAGS = ("-O3", "-std=c++17", "-fno-math-errno", "-fopenmp")
 _LDFLAGS = ("-fopenmp",)
 
 
-def library_path(root: Path, key: str) -> Path:
-    """Where the library built for `key` lives under a build root (prebuilt or cache)."""
-    return root / key / f"{_NAME}.so"
+def library_in(directory: Path) -> Path:
+    """The library's file in a build directory (`<root>/<build key>`, prebuilt or cached)."""
+    return directory / f"{_NAME}.so"
 
 
 def _cache_root() -> Path:
@@ -114,12 +114,12 @@ def build_and_load() -> bool:
     needed (uncached: `load`)."""
     try:
         key = _build_key()
-        prebuilt = library_path(PREBUILT_ROOT, key)
+        prebuilt = library_in(PREBUILT_ROOT / key)
         if prebuilt.is_file():
             torch.ops.load_library(str(prebuilt))
             return True
         directory = _writable_build_dir(key)
-        library = library_path(directory.parent, key)
+        library = library_in(directory)
         if library.is_file():
             torch.ops.load_library(str(library))
             return True
@@ -145,7 +145,7 @@ def prebuild() -> Path:
     missing = _missing_tools()
     if missing is not None:
         raise RuntimeError(f"cannot prebuild the fused CPU kernels: {missing}")
-    library = library_path(PREBUILT_ROOT, _build_key())
+    library = library_in(PREBUILT_ROOT / _build_key())
     library.parent.mkdir(parents=True, exist_ok=True)
     _compile(library.parent)
     for leftover in library.parent.iterdir():  # objects and the ninja file: only the library ships

@@ -235,12 +235,12 @@ def test_a_prebuilt_library_is_loaded_without_a_compiler(tmp_path) -> None:
     key = cpu._build_key()
     built = next(
         path
-        for path in (cpu.library_path(cpu.PREBUILT_ROOT, key),
-                     cpu.library_path(cpu._writable_build_dir(key).parent, key))
+        for path in (cpu.library_in(cpu.PREBUILT_ROOT / key),
+                     cpu.library_in(cpu._writable_build_dir(key)))
         if path.is_file()
     )  # fmt: skip
     prebuilt = tmp_path / "prebuilt"
-    copied = cpu.library_path(prebuilt, key)
+    copied = cpu.library_in(prebuilt / key)
     copied.parent.mkdir(parents=True)
     shutil.copy2(built, copied)
     script = f"""
