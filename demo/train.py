@@ -27,14 +27,17 @@ import torch.nn.functional as F
 
 from demo import CHECKPOINT_DIR
 from demo.bpe import RecordingEncoding, build_encoding, train_bpe, write_vocabulary
-from demo.conversations import generate, render_example
+from demo.conversations import generate, generate_example, render_example
 from demo.training_model import TrainingGptOss, write_original_checkpoint
 from engine.config import ModelConfig
-from harmony import Renderer
+from harmony import HarmonyEncoding, Renderer
 
 log = logging.getLogger("demo.train")
 
 TRAIN_SEED = 0
+PROBE_SEED = 2_000_003
+PROBE_KINDS = ("arith", "tool_call", "tool_answer")
+PROBE_PER_KIND = 32
 BPE_EXAMPLES = 4000
 BPE_MAX_RANKS = 4000
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
@@ -108,6 +111,47 @@ def batch_order(n_batches: int, epoch: int, seed: int) -> list[int]:
     return order
 
 
+def probe_set(encoding: HarmonyEncoding) -> dict[str, list[tuple[list[int], list[int]]]]:
+    """Held-out conversations per kind, as (prompt + completion tokens, the positions probed): in
+    the last message (a sum's final answer, a call's arguments, an answer from a tool's result),
+    every token of a call's arguments and every token with a digit elsewhere (the values; the
+    words around them are one of several phrasings, which no model can tell in advance)."""
+    renderer = Renderer(encoding)
+    rng = random.Random(PROBE_SEED)
+    out: dict[str, list[tuple[list[int], list[int]]]] = {}
+    for kind in PROBE_KINDS:
+        rows = []
+        for _ in range(PROBE_PER_KIND):
+            prompt, completion = render_example(generate_example(rng, kind), renderer)
+            tokens = prompt + completion
+            start = len(tokens) - completion[::-1].index(encoding.ids.message)
+            probed = [
+                j for j in range(start, len(tokens) - 1)
+                if kind == "tool_call" or any(ch.isdigit() for ch in encoding.decode([tokens[j]]))
+            ]  # fmt: skip
+            rows.append((tokens, probed))
+        out[kind] = rows
+    return out
+
+
+@torch.no_grad()
+def probe(model: TrainingGptOss, rows: list[tuple[list[int], list[int]]]) -> int:
+    """How many rows get every probed token right, teacher-forced (argmax at each position given
+    the true tokens before it): a cheap stand-in for a greedy eval during training."""
+    longest = max(len(tokens) for tokens, _ in rows)
+    ids = torch.zeros((len(rows), longest), dtype=torch.long)
+    for r, (tokens, _) in enumerate(rows):
+        ids[r, : len(tokens)] = torch.tensor(tokens)
+    positions = torch.arange(longest).expand(len(rows), -1)
+    hidden = model(ids, positions, torch.zeros_like(ids))
+    right = 0
+    for r, (tokens, probed) in enumerate(rows):
+        # Position j - 1 predicts token j.
+        guess = model.logits(hidden[r, [j - 1 for j in probed]]).argmax(-1)
+        right += bool((guess == torch.tensor([tokens[j] for j in probed])).all())
+    return right
+
+
 def average_across_workers(model: TrainingGptOss, scalars: list[float], world: int) -> list[float]:
     """Average the gradients (and a few scalars) of all workers in one collective.
 
@@ -150,6 +194,7 @@ def train(args: argparse.Namespace, rank: int = 0, world: int = 1) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: %s, %.2f M parameters", config, n_params / 1e6)
     batches = make_batches(pairs, args.batch_tokens, random.Random(args.seed))
+    probes = probe_set(encoding) if args.probe_every and rank == 0 else {}
     log.info(
         "%d batches of up to %d tokens, %d per step (one per worker)",
         len(batches), args.batch_tokens, world,
@@ -195,6 +240,12 @@ def train(args: argparse.Namespace, rank: int = 0, world: int = 1) -> dict:
         loss_avg = step_loss if loss_avg is None else 0.95 * loss_avg + 0.05 * step_loss
         step += 1
         progress = max(step / args.steps, elapsed / budget_s)
+        if probes and step % args.probe_every == 0:
+            found = {kind: probe(model, rows) for kind, rows in probes.items()}
+            log.info(
+                "step %d probe (values exact, teacher-forced, of %d): %s", step,
+                PROBE_PER_KIND, ", ".join(f"{kind} {n}" for kind, n in found.items()),
+            )  # fmt: skip
         if step % args.log_every == 0 or progress >= 1.0:
             log.info(
                 "step %d/%d loss %.4f (avg %.4f) lr %.2e %s%.1f steps/s, %.0fs",
@@ -261,6 +312,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     parser.add_argument("--log-every", type=int, default=100)
+    parser.add_argument(
+        "--probe-every",
+        type=int,
+        default=1000,
+        help="log held-out exactness of answers and call arguments every N steps (0: never)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     if args.workers == 1:
