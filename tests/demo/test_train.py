@@ -9,12 +9,16 @@ byte (the workers stay in lockstep, and nothing depends on timing while steps ar
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from demo.bpe import build_encoding
+from demo.train import probe, probe_set
 from engine.model.gpt_oss import GptOss
 from engine.model.weights import detect_layout
 from harmony import load_harmony_encoding
@@ -26,12 +30,20 @@ def run_training(out: Path) -> dict:
     command = [
         sys.executable, "-m", "demo.train", "--out", str(out), "--examples", "300",
         "--steps", "4", "--warmup", "2", "--hidden", "64", "--layers", "2", "--batch-tokens", "512",
-        "--workers", "2", "--time-budget-min", "30", "--log-every", "1",
+        "--workers", "2", "--time-budget-min", "30", "--log-every", "1", "--probe-every", "2",
     ]  # fmt: skip
     done = subprocess.run(
         command, check=False, cwd=ROOT, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    # The held-out probe ran at steps 2 and 4 (worker 0 only) and counted every kind.
+    probes = re.findall(
+        r"step (\d+) probe \(values exact, teacher-forced, of 32\): (.*)", done.stderr
+    )
+    assert [step for step, _ in probes] == ["2", "4"], done.stderr[-3000:]
+    assert all(
+        re.fullmatch(r"arith \d+, tool_call \d+, tool_answer \d+", found) for _, found in probes
+    )
     return json.loads((out / "training.json").read_text())
 
 
@@ -56,3 +68,40 @@ def test_two_workers_write_a_loadable_checkpoint(two_runs: tuple[Path, Path, dic
 def test_the_same_seed_trains_the_same_weights(two_runs: tuple[Path, Path, dict]) -> None:
     first, second, _ = two_runs
     assert (first / "model.safetensors").read_bytes() == (second / "model.safetensors").read_bytes()
+
+
+class _Knows:
+    """Stands in for a model in `probe`: its "hidden state" at each position is the one-hot of a
+    fixed answer for the next token, and its logits are that state."""
+
+    def __init__(self, answers: torch.Tensor, vocab: int) -> None:
+        self.answers, self.vocab = answers, vocab
+
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, docs: torch.Tensor):
+        return torch.nn.functional.one_hot(self.answers[:, : ids.shape[1]], self.vocab).float()
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden
+
+
+def test_the_probe_counts_rows_with_every_probed_value_right() -> None:
+    encoding = build_encoding([bytes([b]) for b in range(256)])
+    rows = probe_set(encoding)
+    assert sorted(rows) == ["arith", "tool_answer", "tool_call"]
+    arith = rows["arith"]
+    assert len(arith) == 32 and all(probed for _, probed in arith)
+    # The probed positions of a sum's answer are its digits (and nothing before the answer).
+    for tokens, probed in arith:
+        assert all(encoding.decode([tokens[j]]).isdigit() for j in probed)
+    longest = max(len(tokens) for tokens, _ in arith)
+    truth = torch.zeros((len(arith), longest), dtype=torch.long)
+    for r, (tokens, _) in enumerate(arith):
+        truth[r, : len(tokens) - 1] = torch.tensor(tokens[1:])  # position j predicts token j + 1
+    assert probe(_Knows(truth, encoding.n_vocab), arith) == 32
+    wrong = truth.clone()
+    for r in (0, 5):
+        tokens, probed = arith[r]
+        wrong[r, probed[-1] - 1] = (tokens[probed[-1]] + 1) % encoding.n_vocab
+    tokens, probed = arith[7]
+    wrong[7, probed[0] - 2] = 0  # a position before the probed ones does not count
+    assert probe(_Knows(wrong, encoding.n_vocab), arith) == 30
