@@ -112,10 +112,12 @@ def batch_order(n_batches: int, epoch: int, seed: int) -> list[int]:
 
 
 def probe_set(encoding: HarmonyEncoding) -> dict[str, list[tuple[list[int], list[int]]]]:
-    """Held-out conversations per kind, as (prompt + completion tokens, the positions probed): in
-    the last message (a sum's final answer, a call's arguments, an answer from a tool's result),
-    every token of a call's arguments and every token with a digit elsewhere (the values; the
-    words around them are one of several phrasings, which no model can tell in advance)."""
+    """Conversations per kind from another seed than training's (not checked against it, unlike
+    `demo.eval`'s: a few may repeat a training request), as (prompt + completion tokens, the
+    positions probed): in the last message (a sum's final answer, a call's arguments, an answer
+    from a tool's result), every token of a call's arguments and every token with a digit
+    elsewhere (the values; the words around them are one of several phrasings, which no model
+    can tell in advance)."""
     renderer = Renderer(encoding)
     rng = random.Random(PROBE_SEED)
     out: dict[str, list[tuple[list[int], list[int]]]] = {}
