@@ -433,6 +433,9 @@ def _history(rng: random.Random) -> list[dict[str, Any]]:
     return [{"role": "user", "content": question}, answer]
 
 
+# The kinds answered by working alone (no tool), each made by its function.
+WORKED_KINDS = {"arith": _arith, "drill": _drill}
+
 # How often each kind, and each tool, is drawn in training: the format (a call, a refusal) is
 # learned from few examples; the values (digit facts, the weather's words, which the answer spells
 # with other tokens than the tool's JSON) need many more.
@@ -450,8 +453,8 @@ def generate_example(rng: random.Random, kind: str | None = None) -> Example:
     if rng.random() < 0.15:
         messages += _history(rng)
     today = _random_date(rng)
-    if kind in ("arith", "drill"):
-        question, completion, check = (_arith if kind == "arith" else _drill)(rng, effort)
+    if kind in WORKED_KINDS:
+        question, completion, check = WORKED_KINDS[kind](rng, effort)
         tools = [] if rng.random() < 0.7 else _offered(rng, None)
     elif kind == "refusal":
         question, completion, check, tools = _refusal(rng, effort)

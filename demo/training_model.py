@@ -149,8 +149,9 @@ class TrainingGptOss(nn.Module):
         # all experts per expert in the backward pass; unbind's backward stacks once.
         mlp1, mlp2 = mlp1.unbind(0), mlp2.unbind(0)
         bias1, bias2 = w.mlp1_bias.unbind(0), w.mlp2_bias.unbind(0)
-        order = experts.reshape(-1).argsort(stable=True)
-        counts = torch.bincount(experts.reshape(-1), minlength=c.num_experts).tolist()
+        flat = experts.reshape(-1)  # [N * k], token n's slots at n * k ...
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=c.num_experts).tolist()
         used = [e for e, n in enumerate(counts) if n]
         token = order // c.experts_per_token
         rows = h[token].split([counts[e] for e in used])
