@@ -3,9 +3,9 @@
 Steps, all seeded: generate the synthetic conversations (`demo.conversations`), train the BPE
 vocabulary on exactly the texts the server's renderer encodes (`demo.bpe`), render every example
 to (prompt, completion) tokens with the server's own code, batch them by length, train the toy
-gpt-oss (`demo.training_model`) with the loss on completion tokens only, finish with a
-quantization-aware phase (experts rounded through MXFP4), and write the checkpoint (original
-layout, MXFP4 experts) with its tokenizer files and a `training.json` of what was done.
+gpt-oss (`demo.training_model`) with the loss on what the model writes (`training_row`), finish
+with a quantization-aware phase (experts rounded through MXFP4), and write the checkpoint
+(original layout, MXFP4 experts) with its tokenizer files and a `training.json` of what was done.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from demo.conversations import generate, generate_example, render_example
 from demo.training_model import TrainingGptOss, write_original_checkpoint
 from engine.config import ModelConfig
 from harmony import HarmonyEncoding, Renderer
+from harmony.tokens import SpecialTokenIds
 
 log = logging.getLogger("demo.train")
 
@@ -63,34 +64,58 @@ def demo_config(
     )  # fmt: skip
 
 
+def training_row(
+    prompt: list[int], completion: list[int], ids: SpecialTokenIds
+) -> tuple[list[int], list[int]]:
+    """(tokens, the positions whose token is a training target) for one rendered example.
+
+    The targets are the completion and, in the prompt, each earlier call's arguments and its
+    `<|call|>`: the model wrote those in an earlier step of the same turn (a conversation that
+    goes on after a tool's result), so they are what it should predict there, and they come at
+    no extra cost in a row that is computed anyway. Earlier final answers are not targets: the
+    prompt keeps them without the analysis that worked them out.
+    """
+    tokens = prompt + completion
+    targets = []
+    opened = None
+    for j, token in enumerate(prompt):
+        if token == ids.message:
+            opened = j
+        elif token == ids.call and opened is not None:
+            targets += range(opened + 1, j + 1)
+            opened = None
+    return tokens, targets + list(range(len(prompt), len(tokens)))
+
+
 def make_batches(
-    pairs: list[tuple[list[int], list[int]]], batch_tokens: int, rng: random.Random
+    rows: list[tuple[list[int], list[int]]], batch_tokens: int, rng: random.Random
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Batches of conversations of similar length (little padding, attention cost ~ length^2).
 
-    Returns (input ids [B, T], targets [B, T]): the target of position j is token j + 1 where that
-    is a completion token, else -100 (no loss on the prompt or the padding).
+    `rows` are (tokens, target positions) as `training_row` makes them. Returns (input ids [B, T],
+    targets [B, T]): the target of position j is token j + 1 where j + 1 is a target position,
+    else -100 (no loss on the rest of the prompt or the padding).
     """
-    order = sorted(range(len(pairs)), key=lambda k: (len(pairs[k][0]) + len(pairs[k][1]), k))
+    order = sorted(range(len(rows)), key=lambda k: (len(rows[k][0]), k))
     batches = []
     start = 0
     while start < len(order):
-        longest = len(pairs[order[start]][0]) + len(pairs[order[start]][1])
+        longest = len(rows[order[start]][0])
         end = start
         while end < len(order):
-            length = len(pairs[order[end]][0]) + len(pairs[order[end]][1])
+            length = len(rows[order[end]][0])
             if (end - start + 1) * length > batch_tokens:
                 break
             longest = length
             end += 1
         end = max(end, start + 1)
-        rows = [pairs[k] for k in order[start:end]]
-        ids = torch.zeros((len(rows), longest), dtype=torch.long)
-        targets = torch.full((len(rows), longest), -100, dtype=torch.long)
-        for r, (prompt, completion) in enumerate(rows):
-            tokens = prompt + completion
+        chosen = [rows[k] for k in order[start:end]]
+        ids = torch.zeros((len(chosen), longest), dtype=torch.long)
+        targets = torch.full((len(chosen), longest), -100, dtype=torch.long)
+        for r, (tokens, positions) in enumerate(chosen):
             ids[r, : len(tokens)] = torch.tensor(tokens)
-            targets[r, len(prompt) - 1 : len(tokens) - 1] = torch.tensor(completion)
+            # Position j - 1 predicts token j.
+            targets[r, [j - 1 for j in positions]] = torch.tensor([tokens[j] for j in positions])
         batches.append((ids, targets))
         start = end
     rng.shuffle(batches)
@@ -184,18 +209,19 @@ def train(args: argparse.Namespace, rank: int = 0, world: int = 1) -> dict:
     tokens = train_bpe(recording.texts.elements(), BPE_MAX_RANKS)
     encoding = build_encoding(tokens)
     renderer = Renderer(encoding)
-    pairs = [render_example(example, renderer) for example in examples]
-    n_tokens = sum(len(p) + len(c) for p, c in pairs)
+    rows = [training_row(*render_example(e, renderer), encoding.ids) for e in examples]
+    n_tokens = sum(len(tokens) for tokens, _ in rows)
     log.info(
-        "%d examples, %d tokens (%.0f per example), vocabulary %d, data ready in %.1fs",
-        len(pairs), n_tokens, n_tokens / len(pairs), encoding.n_vocab,
+        "%d examples, %d tokens (%.0f per example, %.0f%% of them targets), vocabulary %d, "
+        "data ready in %.1fs", len(rows), n_tokens, n_tokens / len(rows),
+        100 * sum(len(targets) for _, targets in rows) / n_tokens, encoding.n_vocab,
         time.perf_counter() - started,
     )  # fmt: skip
     config = demo_config(encoding.n_vocab, args.hidden, args.layers, args.rope_theta)
     model = TrainingGptOss(config, seed=args.seed)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: %s, %.2f M parameters", config, n_params / 1e6)
-    batches = make_batches(pairs, args.batch_tokens, random.Random(args.seed))
+    batches = make_batches(rows, args.batch_tokens, random.Random(args.seed))
     probes = probe_set(encoding) if args.probe_every and rank == 0 else {}
     log.info(
         "%d batches of up to %d tokens, %d per step (one per worker)",

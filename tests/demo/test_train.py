@@ -9,6 +9,7 @@ byte (the workers stay in lockstep, and nothing depends on timing while steps ar
 from __future__ import annotations
 
 import json
+import random
 import re
 import subprocess
 import sys
@@ -18,10 +19,11 @@ import pytest
 import torch
 
 from demo.bpe import build_encoding
-from demo.train import probe, probe_set
+from demo.conversations import generate_example, render_example
+from demo.train import make_batches, probe, probe_set, training_row
 from engine.model.gpt_oss import GptOss
 from engine.model.weights import detect_layout
-from harmony import load_harmony_encoding
+from harmony import Renderer, load_harmony_encoding
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -105,3 +107,33 @@ def test_the_probe_counts_rows_with_every_probed_value_right() -> None:
     tokens, probed = arith[7]
     wrong[7, probed[0] - 2] = 0  # a position before the probed ones does not count
     assert probe(_Knows(wrong, encoding.n_vocab), arith) == 30
+
+
+def test_an_earlier_calls_arguments_are_targets_and_the_rest_of_the_prompt_is_not() -> None:
+    encoding = build_encoding([bytes([b]) for b in range(256)])
+    renderer = Renderer(encoding)
+    rng = random.Random("rows")
+    answer = generate_example(rng, "tool_answer")
+    prompt, completion = render_example(answer, renderer)
+    tokens, targets = training_row(prompt, completion, encoding.ids)
+    assert tokens == prompt + completion
+    in_prompt = [j for j in targets if j < len(prompt)]
+    arguments = answer.messages[-2]["tool_calls"][0]["function"]["arguments"]
+    # The call's arguments and its `<|call|>`, one run of positions right after its `<|message|>`.
+    assert encoding.decode([tokens[j] for j in in_prompt]) == arguments + "<|call|>"
+    assert in_prompt == list(range(in_prompt[0], in_prompt[-1] + 1))
+    assert tokens[in_prompt[0] - 1] == encoding.ids.message
+    assert targets[len(in_prompt) :] == list(range(len(prompt), len(tokens)))
+    # An earlier turn's final answer (kept without its analysis) is not a target.
+    sums = generate_example(rng, "arith")
+    while not any(m["role"] == "assistant" for m in sums.messages):
+        sums = generate_example(rng, "arith")
+    prompt, completion = render_example(sums, renderer)
+    assert training_row(prompt, completion, encoding.ids)[1] == list(
+        range(len(prompt), len(prompt) + len(completion))
+    )
+    # In a batch, position j - 1 predicts each target token j and nothing else has a target.
+    ((ids, batch_targets),) = make_batches([(tokens, targets)], 4096, random.Random(0))
+    expected = torch.full((len(tokens),), -100)
+    expected[[j - 1 for j in targets]] = torch.tensor([tokens[j] for j in targets])
+    assert torch.equal(ids[0], torch.tensor(tokens)) and torch.equal(batch_targets[0], expected)
