@@ -87,36 +87,40 @@ def training_row(
     return tokens, targets + list(range(len(prompt), len(tokens)))
 
 
+def padded(rows: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input ids [B, T], targets [B, T]) of (tokens, target positions) rows, padded to the
+    longest: the target of position j is token j + 1 where j + 1 is a target position, else -100.
+    """
+    longest = max(len(tokens) for tokens, _ in rows)
+    ids = torch.zeros((len(rows), longest), dtype=torch.long)
+    targets = torch.full((len(rows), longest), -100, dtype=torch.long)
+    for r, (tokens, positions) in enumerate(rows):
+        ids[r, : len(tokens)] = torch.tensor(tokens)
+        # Position j - 1 predicts token j.
+        targets[r, [j - 1 for j in positions]] = torch.tensor([tokens[j] for j in positions])
+    return ids, targets
+
+
 def make_batches(
     rows: list[tuple[list[int], list[int]]], batch_tokens: int, rng: random.Random
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Batches of conversations of similar length (little padding, attention cost ~ length^2).
 
-    `rows` are (tokens, target positions) as `training_row` makes them. Returns (input ids [B, T],
-    targets [B, T]): the target of position j is token j + 1 where j + 1 is a target position,
-    else -100 (no loss on the rest of the prompt or the padding).
+    `rows` are (tokens, target positions) as `training_row` makes them; each batch is `padded`
+    (no loss on the rest of the prompt or the padding).
     """
     order = sorted(range(len(rows)), key=lambda k: (len(rows[k][0]), k))
     batches = []
     start = 0
     while start < len(order):
-        longest = len(rows[order[start]][0])
         end = start
         while end < len(order):
             length = len(rows[order[end]][0])
             if (end - start + 1) * length > batch_tokens:
                 break
-            longest = length
             end += 1
         end = max(end, start + 1)
-        chosen = [rows[k] for k in order[start:end]]
-        ids = torch.zeros((len(chosen), longest), dtype=torch.long)
-        targets = torch.full((len(chosen), longest), -100, dtype=torch.long)
-        for r, (tokens, positions) in enumerate(chosen):
-            ids[r, : len(tokens)] = torch.tensor(tokens)
-            # Position j - 1 predicts token j.
-            targets[r, [j - 1 for j in positions]] = torch.tensor([tokens[j] for j in positions])
-        batches.append((ids, targets))
+        batches.append(padded([rows[k] for k in order[start:end]]))
         start = end
     rng.shuffle(batches)
     return batches
@@ -165,18 +169,13 @@ def probe_set(encoding: HarmonyEncoding) -> dict[str, list[tuple[list[int], list
 def probe(model: TrainingGptOss, rows: list[tuple[list[int], list[int]]]) -> int:
     """How many rows get every probed token right, teacher-forced (argmax at each position given
     the true tokens before it): a cheap stand-in for a greedy eval during training."""
-    longest = max(len(tokens) for tokens, _ in rows)
-    ids = torch.zeros((len(rows), longest), dtype=torch.long)
-    for r, (tokens, _) in enumerate(rows):
-        ids[r, : len(tokens)] = torch.tensor(tokens)
-    positions = torch.arange(longest).expand(len(rows), -1)
+    ids, targets = padded(rows)
+    positions = torch.arange(ids.shape[1]).expand(len(rows), -1)
     hidden = model(ids, positions, torch.zeros_like(ids))
-    right = 0
-    for r, (tokens, probed) in enumerate(rows):
-        # Position j - 1 predicts token j.
-        guess = model.logits(hidden[r, [j - 1 for j in probed]]).argmax(-1)
-        right += bool((guess == torch.tensor([tokens[j] for j in probed])).all())
-    return right
+    probed = targets != -100
+    wrong = torch.zeros_like(probed)
+    wrong[probed] = model.logits(hidden[probed]).argmax(-1) != targets[probed]
+    return int((~wrong.any(dim=1)).sum())
 
 
 def average_across_workers(model: TrainingGptOss, scalars: list[float], world: int) -> list[float]:
