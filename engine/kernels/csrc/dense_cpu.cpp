@@ -3,7 +3,8 @@
 //
 // A decode step reads two thirds of its bytes through the bf16 matmuls; at one to four tokens
 // they are matrix-vector products, bound by memory bandwidth. `linear` streams each weight row
-// once for all tokens, converting bf16 to fp32 in registers (exact) and prefetching rows ahead;
+// once for all tokens, converting bf16 to fp32 in registers (exact) and prefetching rows ahead
+// into L2;
 // PyTorch's bf16 GEMV reached 7 GB/s on one core here, this loop 12.
 //
 // The other ops exist to cut what a decode step spends between the big matmuls: the reference
@@ -66,9 +67,13 @@ void check_float(const at::Tensor& t, const char* what) {
 #if GPTOSS_X86
 
 // y[t * ys + r + i] = sum_c W[r + i, c] x[t, c] for i < NR: W bf16 [., cols], x fp32 [NT, cols].
-// How far ahead rows are prefetched: ~48 KB (8 rows of 2880 bf16) streamed 26-27 GB/s with two
-// cores here, 4 rows 24, none 21 (the read loop alone: 27.5).
-constexpr int64_t kPrefetchBytes = 48 << 10;
+//
+// Rows are prefetched ~96 KB ahead into L2, not L1: on a Zen 4 core a stream prefetched into L1
+// ran at a fraction of the memory's speed (the MoE kernel: 11 GB/s per core against 19 into L2;
+// likely each L1 prefetch holds one of the core's few L1 miss slots until its line arrives). Here
+// (2 cores, the 20b shapes): 48 KB into L1 streamed 25 GB/s for q/k/v, 96 KB into L2 ~33, as fast
+// as the read probe; on Sapphire Rapids 48 KB into L1 had streamed 26-27 (the loop alone 27.5).
+constexpr int64_t kPrefetchBytes = 96 << 10;
 
 template <int NR, int NT>
 GPTOSS_AVX512 void linear_rows_tile(const uint16_t* w, int64_t cols, int64_t r, const float* x,
@@ -82,7 +87,7 @@ GPTOSS_AVX512 void linear_rows_tile(const uint16_t* w, int64_t cols, int64_t r, 
     __m512 wv[NR];
     for (int i = 0; i < NR; ++i) {
       const uint16_t* p = w + (r + i) * cols + c;
-      if ((c & 31) == 0) _mm_prefetch(reinterpret_cast<const char*>(p + ahead), _MM_HINT_T0);
+      if ((c & 31) == 0) _mm_prefetch(reinterpret_cast<const char*>(p + ahead), _MM_HINT_T1);
       wv[i] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
     }
     for (int t = 0; t < NT; ++t) {
@@ -102,13 +107,15 @@ GPTOSS_AVX512 void linear_rows(const uint16_t* w, int64_t cols, int64_t n, const
   for (; r < n; ++r) linear_rows_tile<1, NT>(w, cols, r, x, y, ys);
 }
 
-// Lines [l0, l1) of 64 bytes summed as fp32 lanes, four independent sums, prefetching 1 KB ahead.
+// Lines [l0, l1) of 64 bytes summed as fp32 lanes, four independent sums, prefetching into L2
+// as the kernels do.
 GPTOSS_AVX512 double read_lines_avx512(const uint8_t* base, int64_t l0, int64_t l1) {
   __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
   int64_t l = l0;
   for (; l + 4 <= l1; l += 4) {
     const uint8_t* p = base + l * 64;
-    for (int k = 0; k < 4; ++k) _mm_prefetch(reinterpret_cast<const char*>(p + 1024 + 64 * k), _MM_HINT_T0);
+    for (int k = 0; k < 4; ++k)
+      _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchBytes + 64 * k), _MM_HINT_T1);
     a0 = _mm512_add_ps(a0, _mm512_loadu_ps(reinterpret_cast<const float*>(p)));
     a1 = _mm512_add_ps(a1, _mm512_loadu_ps(reinterpret_cast<const float*>(p + 64)));
     a2 = _mm512_add_ps(a2, _mm512_loadu_ps(reinterpret_cast<const float*>(p + 128)));
