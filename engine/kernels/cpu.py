@@ -234,6 +234,13 @@ def _linear_supported() -> bool:
     return bool(torch.ops.gpt_oss_cpu.linear_supported())
 
 
+@functools.cache
+def linear_bf16_dot_supported() -> bool:
+    """Whether this CPU has AVX512-BF16, which the matmul kernel uses for its products (vdpbf16ps)
+    unless told otherwise (the extension must be loaded)."""
+    return bool(torch.ops.gpt_oss_cpu.linear_bf16_dot_supported())
+
+
 def _streams(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> bool:
     """Whether the streaming C++ kernel takes this: bf16, 1..4 tokens, AVX-512."""
     return (
@@ -245,19 +252,32 @@ def _streams(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> bool:
     )
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear`; bf16 x of 1..4 tokens with a bf16 weight goes to the streaming C++ kernel."""
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    bf16_dot: bool | None = None,
+) -> torch.Tensor:
+    """`F.linear`; bf16 x of 1..4 tokens with a bf16 weight goes to the streaming C++ kernel
+    (`bf16_dot`: whether it multiplies with vdpbf16ps; None: where the CPU has it)."""
     if _streams(x, (weight,)):
-        return torch.ops.gpt_oss_cpu.linear(x, weight, bias)
+        dot = linear_bf16_dot_supported() if bf16_dot is None else bf16_dot
+        return torch.ops.gpt_oss_cpu.linear(x, weight, bias, dot)
     return F.linear(x, weight, bias)
 
 
 def linear_many(
-    x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None]
+    x: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor | None],
+    *,
+    bf16_dot: bool | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """`reference.linear_many`: for decode steps, all the weights in one streaming pass."""
     if _streams(x, weights):
-        return tuple(torch.ops.gpt_oss_cpu.linear_many(x, list(weights), list(biases)))
+        dot = linear_bf16_dot_supported() if bf16_dot is None else bf16_dot
+        return tuple(torch.ops.gpt_oss_cpu.linear_many(x, list(weights), list(biases), dot))
     return reference.linear_many(x, weights, biases)
 
 

@@ -32,6 +32,8 @@ if not cpu.load():
     )
 
 ISAS = cpu.supported_isas()
+# The bf16 matmul's two loops: FMAs on widened values everywhere, vdpbf16ps where the CPU has it.
+BF16_DOT = [False, True] if cpu.linear_bf16_dot_supported() else [False]
 
 
 def random_mxfp4(rows: int, cols: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -361,21 +363,26 @@ def test_paged_attention_bf16_is_as_close_to_exact_as_reference(query_lens, seq_
 @pytest.mark.parametrize("tokens", [1, 2, 3, 4, 5])
 @pytest.mark.parametrize(("rows", "cols"), [(1, 16), (7, 100), (129, 2880), (64, 4096)])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_linear_equals_f_linear(tokens: int, rows: int, cols: int, with_bias: bool) -> None:
+@pytest.mark.parametrize("bf16_dot", BF16_DOT)
+def test_linear_equals_f_linear(
+    tokens: int, rows: int, cols: int, with_bias: bool, bf16_dot: bool
+) -> None:
     """bf16 in and out, fp32 sums rounded once: PyTorch's result up to one bf16 rounding flip
     (the order of the sum differs). Five tokens go to PyTorch itself."""
     g = torch.Generator().manual_seed(rows + cols)
     x = torch.randn(tokens, cols, generator=g).bfloat16()
     weight = torch.randn(rows, cols, generator=g).bfloat16()
     bias = torch.randn(rows, generator=g).bfloat16() if with_bias else None
-    ours, theirs = cpu.linear(x, weight, bias), F.linear(x, weight, bias)
+    ours = cpu.linear(x, weight, bias, bf16_dot=bf16_dot)
+    theirs = F.linear(x, weight, bias)
     assert ours.dtype == torch.bfloat16 and ours.shape == (tokens, rows)
     exact = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
     torch.testing.assert_close(ours.float(), exact, rtol=2**-8, atol=1e-5 * cols**0.5)
     assert ((ours.float() - theirs.float()).abs() <= theirs.float().abs() * 2**-7 + 1e-5).all()
 
 
-def test_linear_many_equals_one_linear_each() -> None:
+@pytest.mark.parametrize("bf16_dot", BF16_DOT)
+def test_linear_many_equals_one_linear_each(bf16_dot: bool) -> None:
     """q, k and v in one pass: the same as three calls (bit for bit), biases given or not."""
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 96, generator=g).bfloat16()
@@ -385,8 +392,8 @@ def test_linear_many_equals_one_linear_each() -> None:
         None,
         torch.randn(70, generator=g).bfloat16(),
     ]
-    many = cpu.linear_many(x, weights, biases)
+    many = cpu.linear_many(x, weights, biases, bf16_dot=bf16_dot)
     for out, w, b in zip(many, weights, biases, strict=True):
-        assert torch.equal(out, cpu.linear(x, w, b))
+        assert torch.equal(out, cpu.linear(x, w, b, bf16_dot=bf16_dot))
     theirs = reference.linear_many(x, weights, biases)
     assert [a.shape for a in many] == [b.shape for b in theirs]
