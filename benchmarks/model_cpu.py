@@ -6,7 +6,10 @@ decode tokens/s at batch 1 and batch 4 (best of 3 rounds of 32 steps: the machin
 and the peak resident memory of the whole run, with a KV cache for 8192 tokens allocated as a
 server would. Next to each decode figure: the ceiling set by memory bandwidth, the bytes the steps
 read (dense weights, the distinct experts each step selected, its KV) over the read bandwidth
-measured on the machine in the same run.
+measured right before and after those very steps (the median of six full reads of the mapped
+unembedding matrix, 1.16 GB: the memory the kernels read, in the same page state; this VM's
+bandwidth swings from ~28 to ~48 GB/s within minutes, so a probe taken at another moment of the
+run would not describe the round).
 
     python benchmarks/model_cpu.py [--checkpoint DIR] [--preset gpt-oss-20b] [--backend auto]
         [--decode-steps 32] [--rounds 3] [--batch 1 4] [--threads N] [--kv-tokens 8192]
@@ -25,6 +28,7 @@ import logging
 import os
 import platform
 import resource
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -55,22 +59,32 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def read_bandwidth_gbs(gib: float = 2.0, repeats: int = 5) -> tuple[float, str]:
-    """The best of `repeats` full reads of a buffer far larger than the last-level cache, by the
-    kernels' own read loop when they are built (AVX-512 loads, prefetching; faster than a sum),
-    else by a PyTorch sum: (GB/s, how)."""
-    buffer = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
-    if cpu.load():
-        read, how = (lambda: cpu.read_probe(buffer)), "the kernels' read loop"
-    else:
-        read, how = (lambda: float(buffer.sum())), "torch.sum"
-    read()  # fault the pages in
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        read()
-        best = min(best, time.perf_counter() - start)
-    return buffer.numel() * 4 / best / 1e9, how
+class BandwidthProbe:
+    """Full reads of a tensor far larger than the last-level cache (the model's own mapped
+    weights: no extra memory, and the same pages the kernels stream), by the kernels' read loop
+    when they are built (AVX-512 loads, prefetching as the kernels do), else by an int64 sum."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor.contiguous()
+        self.nbytes = self.tensor.numel() * self.tensor.element_size()
+        if cpu.load():
+            self.how = "the kernels' read loop"
+            self._read = lambda: cpu.read_probe(self.tensor)
+        else:
+            words = self.tensor.view(-1).view(torch.uint8)[: self.nbytes // 8 * 8].view(torch.int64)
+            self.how = "an int64 sum"
+            self._read = lambda: float(words.sum())
+        self.readings: list[float] = []
+
+    def read_gbs(self, reads: int = 3) -> list[float]:
+        """GB/s of `reads` full reads (also kept in `readings`)."""
+        out = []
+        for _ in range(reads):
+            start = time.perf_counter()
+            self._read()
+            out.append(self.nbytes / (time.perf_counter() - start) / 1e9)
+        self.readings += out
+        return out
 
 
 def refresh_page_cache(directory: Path) -> float:
@@ -209,7 +223,12 @@ def main() -> None:
 
     prefill_s = timed(prefill)
 
-    measured: dict[int, tuple[float, int]] = {}  # batch -> (seconds, bytes read)
+    probe = BandwidthProbe(model.weights.unembedding)
+    probe.read_gbs(1)  # page in, not counted
+    probe.readings.clear()
+    # batch -> (seconds, bytes read, GB/s read by the probe around that round)
+    measured: dict[int, tuple[float, int, float]] = {}
+    rounds: dict[int, list[float]] = {}  # batch -> tok/s of every round
     for n_seqs in args.batch:
         tables = []
         for _ in range(n_seqs):
@@ -235,46 +254,63 @@ def main() -> None:
             tokens[:] = step(i)
         position = 2
         for round_ in range(args.rounds):  # the machine is shared: the best round counts
+            around = probe.read_gbs()
             expert_counts.clear()
             bytes_read = 0
             start = time.perf_counter()
             for i in range(position, position + args.decode_steps):
                 tokens[:] = step(i)
             elapsed = time.perf_counter() - start
+            around = statistics.median(around + probe.read_gbs())
             position += args.decode_steps
             bytes_read += dense_bytes_per_step(model.weights) * args.decode_steps
             bytes_read += sum(expert_counts) * expert_bytes(model.weights)
-            if n_seqs not in measured or elapsed < measured[n_seqs][0]:
-                measured[n_seqs] = (elapsed, bytes_read)
             tok_s = n_seqs * args.decode_steps / elapsed
-            print(f"batch {n_seqs}, round {round_ + 1}: {tok_s:.2f} tok/s")
+            rounds.setdefault(n_seqs, []).append(tok_s)
+            ceiling = n_seqs * args.decode_steps / (bytes_read / (around * 1e9))
+            if n_seqs not in measured or elapsed < measured[n_seqs][0]:
+                measured[n_seqs] = (elapsed, bytes_read, around)
+            print(
+                f"batch {n_seqs}, round {round_ + 1}: {tok_s:.2f} tok/s, "
+                f"probe {around:.1f} GB/s, {tok_s / ceiling:.0%} of that ceiling"
+            )
 
-    peak_rss = peak_rss_gib()  # before the bandwidth probe's buffer
-    bandwidth, probe = read_bandwidth_gbs()
-    decode: dict[int, tuple[float, float]] = {}  # batch -> (tok/s, ceiling tok/s)
-    for n_seqs, (seconds, bytes_read) in measured.items():
+    peak_rss = peak_rss_gib()
+    decode: dict[int, tuple[float, float, float]] = {}  # batch -> (tok/s, GB/s, ceiling tok/s)
+    for n_seqs, (seconds, bytes_read, bandwidth) in measured.items():
         tokens = n_seqs * args.decode_steps
-        decode[n_seqs] = (tokens / seconds, tokens / (bytes_read / (bandwidth * 1e9)))
+        ceiling = tokens / (bytes_read / (bandwidth * 1e9))
+        decode[n_seqs] = (tokens / seconds, bandwidth, ceiling)
         print(f"batch {n_seqs}: {bytes_read / tokens / 1e9:.2f} GB read per token")
     print(
         f"\n{model.kernels.name} kernels, {args.preset} shapes, bf16, {args.threads} threads, "
         f"{platform.processor() or platform.machine()}, {datetime.date.today()}\n"
     )
+    readings = probe.readings
     print("| measure | value | bandwidth ceiling | of ceiling |")
     print("|---|---:|---:|---:|")
-    print(f"| read bandwidth (2 GiB, {probe}) | {bandwidth:.1f} GB/s | | |")
+    print(
+        f"| read bandwidth ({probe.nbytes / 1e9:.2f} GB of mapped weights, {probe.how}; "
+        f"{len(readings)} reads) | median {statistics.median(readings):.1f} GB/s "
+        f"({min(readings):.1f}-{max(readings):.1f}) | | |"
+    )
     print(f"| load time (mmap) | {load_s:.2f} s | | |")
     print(f"| RSS after load | {rss_after_load:.2f} GiB | | |")
     print(
         f"| prefill, {args.prompt_len}-token prompt | {args.prompt_len / prefill_s:.2f} tok/s | | |"
     )
-    for n_seqs, (tok_s, ceiling) in decode.items():
+    for n_seqs, (tok_s, bandwidth, ceiling) in decode.items():
         print(
-            f"| decode, batch {n_seqs} (best of {args.rounds} x {args.decode_steps} steps) "
-            f"| {tok_s:.2f} tok/s "
+            f"| decode, batch {n_seqs} (best of {args.rounds} x {args.decode_steps} steps; "
+            f"probe around it {bandwidth:.1f} GB/s) | {tok_s:.2f} tok/s "
             f"| {ceiling:.2f} tok/s | {tok_s / ceiling:.0%} |"
         )
     print(f"| peak RSS (KV cache for {args.kv_tokens} tokens) | {peak_rss:.2f} GiB | | |")
+    for n_seqs, rates in rounds.items():
+        listed = ", ".join(f"{r:.2f}" for r in rates)
+        print(
+            f"\ndecode, batch {n_seqs}, every round: {listed} tok/s (mean {statistics.mean(rates):.2f})"
+        )
 
 
 if __name__ == "__main__":
