@@ -55,6 +55,16 @@ def rss_gib() -> float:
     return float("nan")
 
 
+def cpu_name() -> str:
+    """The CPU's model name (the machines of one kind are not all the same CPU)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
@@ -254,14 +264,14 @@ def main() -> None:
             tokens[:] = step(i)
         position = 2
         for round_ in range(args.rounds):  # the machine is shared: the best round counts
-            around = probe.read_gbs()
+            before = probe.read_gbs()
             expert_counts.clear()
             bytes_read = 0
             start = time.perf_counter()
             for i in range(position, position + args.decode_steps):
                 tokens[:] = step(i)
             elapsed = time.perf_counter() - start
-            around = statistics.median(around + probe.read_gbs())
+            around = statistics.median(before + probe.read_gbs())
             position += args.decode_steps
             bytes_read += dense_bytes_per_step(model.weights) * args.decode_steps
             bytes_read += sum(expert_counts) * expert_bytes(model.weights)
@@ -284,7 +294,7 @@ def main() -> None:
         print(f"batch {n_seqs}: {bytes_read / tokens / 1e9:.2f} GB read per token")
     print(
         f"\n{model.kernels.name} kernels, {args.preset} shapes, bf16, {args.threads} threads, "
-        f"{platform.processor() or platform.machine()}, {datetime.date.today()}\n"
+        f"{cpu_name()}, {datetime.date.today()}\n"
     )
     readings = probe.readings
     print("| measure | value | bandwidth ceiling | of ceiling |")
