@@ -99,14 +99,6 @@ GPTOSS_AVX512 void linear_rows_tile(const uint16_t* w, int64_t cols, int64_t r, 
     for (int t = 0; t < NT; ++t) y[t * ys + r + i] = _mm512_reduce_add_ps(acc[i][t]);
 }
 
-template <int NT>
-GPTOSS_AVX512 void linear_rows(const uint16_t* w, int64_t cols, int64_t n, const float* x,
-                               float* y, int64_t ys) {
-  int64_t r = 0;
-  for (; r + 4 <= n; r += 4) linear_rows_tile<4, NT>(w, cols, r, x, y, ys);
-  for (; r < n; ++r) linear_rows_tile<1, NT>(w, cols, r, x, y, ys);
-}
-
 #define GPTOSS_AVX512BF16 \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma")))
 
@@ -141,12 +133,24 @@ GPTOSS_AVX512BF16 void linear_rows_tile_dot(const uint16_t* w, int64_t cols, int
     for (int t = 0; t < NT; ++t) y[t * ys + r + i] = _mm512_reduce_add_ps(acc[i][t]);
 }
 
+// Rows [0, n) of W, four at a time and then one by one, by the loop `dot` picks (x as bf16 for
+// vdpbf16ps, as fp32 for the widening loop).
 template <int NT>
-GPTOSS_AVX512BF16 void linear_rows_dot(const uint16_t* w, int64_t cols, int64_t n,
-                                      const uint16_t* x, float* y, int64_t ys) {
+void linear_rows(bool dot, const uint16_t* w, int64_t cols, int64_t n, const uint16_t* xb,
+                 const float* xf, float* y, int64_t ys) {
   int64_t r = 0;
-  for (; r + 4 <= n; r += 4) linear_rows_tile_dot<4, NT>(w, cols, r, x, y, ys);
-  for (; r < n; ++r) linear_rows_tile_dot<1, NT>(w, cols, r, x, y, ys);
+  for (; r + 4 <= n; r += 4) {
+    if (dot)
+      linear_rows_tile_dot<4, NT>(w, cols, r, xb, y, ys);
+    else
+      linear_rows_tile<4, NT>(w, cols, r, xf, y, ys);
+  }
+  for (; r < n; ++r) {
+    if (dot)
+      linear_rows_tile_dot<1, NT>(w, cols, r, xb, y, ys);
+    else
+      linear_rows_tile<1, NT>(w, cols, r, xf, y, ys);
+  }
 }
 
 // Lines [l0, l1) of 64 bytes summed as fp32 lanes, four independent sums, prefetching into L2
@@ -220,20 +224,12 @@ std::vector<at::Tensor> linear_many(const at::Tensor& x_in, at::TensorList weigh
       const int64_t r0 = (c - mat.first_chunk) * kRows, n = std::min(mat.rows, r0 + kRows) - r0;
       const uint16_t* wc =
           reinterpret_cast<const uint16_t*>(mat.weight.data_ptr<at::BFloat16>()) + r0 * cols;
-      if (bf16_dot) {
-        switch (T) {
-          case 1: linear_rows_dot<1>(wc, cols, n, xb, tile, kRows); break;
-          case 2: linear_rows_dot<2>(wc, cols, n, xb, tile, kRows); break;
-          case 3: linear_rows_dot<3>(wc, cols, n, xb, tile, kRows); break;
-          default: linear_rows_dot<4>(wc, cols, n, xb, tile, kRows); break;
-        }
-      } else {
-        switch (T) {
-          case 1: linear_rows<1>(wc, cols, n, xf.data(), tile, kRows); break;
-          case 2: linear_rows<2>(wc, cols, n, xf.data(), tile, kRows); break;
-          case 3: linear_rows<3>(wc, cols, n, xf.data(), tile, kRows); break;
-          default: linear_rows<4>(wc, cols, n, xf.data(), tile, kRows); break;
-        }
+      const float* xfp = xf.data();
+      switch (T) {
+        case 1: linear_rows<1>(bf16_dot, wc, cols, n, xb, xfp, tile, kRows); break;
+        case 2: linear_rows<2>(bf16_dot, wc, cols, n, xb, xfp, tile, kRows); break;
+        case 3: linear_rows<3>(bf16_dot, wc, cols, n, xb, xfp, tile, kRows); break;
+        default: linear_rows<4>(bf16_dot, wc, cols, n, xb, xfp, tile, kRows); break;
       }
       auto* yp = reinterpret_cast<uint16_t*>(mat.out.data_ptr<at::BFloat16>());
       const std::optional<Elems> be =
